@@ -1,0 +1,63 @@
+"""Every shipped config composes, and the composed values are the ones a run would use."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from urt.cli import main
+from urt.config import compose_config, conf_dir, group_options
+from urt.errors import UrtError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+
+
+def test_conf_dir_is_the_repository_tree():
+    assert conf_dir() == CONF
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in GROUPS for o in sorted(p.stem for p in (CONF / g).glob("*.yaml"))],
+)
+def test_every_shipped_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    # Resolving catches broken interpolations, not just YAML syntax.
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert group in resolved
+    if group == "model":
+        from urt.models import FAMILIES
+
+        assert resolved["model"]["family"] in FAMILIES
+        assert resolved["model"]["name_or_path"]
+
+
+def test_model_configs_cover_every_family():
+    from urt.models import FAMILIES
+
+    families = {compose_config([f"model={o}"]).model.family for o in group_options("model")}
+    assert families == set(FAMILIES)
+
+
+def test_paper_reward_weights_are_equal_format_and_accuracy():
+    assert dict(compose_config([]).reward.weights) == {"format": 1.0, "accuracy": 1.0}
+
+
+def test_bad_override_is_a_clear_error():
+    with pytest.raises(UrtError, match="model=no_such_model"):
+        compose_config(["model=no_such_model"])
+
+
+def test_cli_config_prints_composed_yaml(capsys):
+    assert main(["config", "model=tiny_qwen3_vl", "seed=7"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["model"]["family"] == "qwen3_vl"
+    assert out["seed"] == 7
+
+
+def test_cli_config_bad_override_exits_2(capsys):
+    assert main(["config", "reward=nope"]) == 2
+    assert "reward=nope" in capsys.readouterr().err
