@@ -144,13 +144,21 @@ class ChatPrompt:
     processor was given: their chat template lives in the processor); `images`/`videos` are the
     visuals in the order their placeholders appear; `messages` are the chat messages for processor
     families (None for llava_onevision, whose text we render ourselves); `user_text` is the filled
-    template alone."""
+    template alone. `assistant_prefix` is text the chat template already put after the assistant
+    header (Qwen3.5-style templates end the generation prompt with "<think>\n"): the model's output
+    continues it, so prepend it to generated text before parsing/scoring (`full_completion`) and
+    remove it from SFT targets (`assistant_suffix(..., prefix=...)`)."""
 
     text: str | None
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
     messages: list | None = None
     user_text: str = ""
+    assistant_prefix: str = ""
+
+    def full_completion(self, generated: str) -> str:
+        """The completion as the rewards and parser must see it: prefix + generated text."""
+        return self.assistant_prefix + generated
 
 
 def _is_video(v: Any) -> bool:
@@ -207,10 +215,12 @@ def render_chat(
     """Render the model input for one judgement, the way each released family expects it.
 
     Visuals: generation tasks take two (images, or videos as lists of frames), understanding tasks
-    one. Qwen families put visual items before the text in one user message (no system message) and
-    use the processor's chat template; with the `qwen3` set a video pair is sent as ONE video whose
+    one. Qwen families put visual items before the text in one user message and use the processor's
+    chat template (we add no system message; Qwen2.5-VL's own template inserts its default one, as
+    it did for the released model); with the `qwen3` set a video pair is sent as ONE video whose
     first half is video 1 and second half video 2, as the qwen3 prompt says. llava_onevision is
-    rendered here as LLaVA's `qwen_1_5` ChatML conversation with `<image>` tokens per image/frame.
+    rendered here as LLaVA's `qwen_1_5` ChatML conversation with `<image>` tokens per image/frame
+    (`processor` is not needed and ignored; the HF processor expands each `<image>`).
     """
     _check_family(family)
     user_text = render_text(template_set, task, **_check_fields(fields))
@@ -250,20 +260,45 @@ def render_chat(
         items = [{"type": "image"} for _ in images]
     messages = [{"role": "user", "content": [*items, {"type": "text", "text": user_text}]}]
     text = None
+    prefix = ""
     if processor is not None:
         text = processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    return ChatPrompt(text=text, images=images, videos=videos, messages=messages, user_text=user_text)
+        if add_generation_prompt:
+            prefix = _assistant_prefix(text)
+    return ChatPrompt(
+        text=text, images=images, videos=videos, messages=messages, user_text=user_text,
+        assistant_prefix=prefix,
+    )
 
 
-def assistant_suffix(family: str, completion: str) -> str:
+_ASSISTANT_HEADER = f"{IM_START}assistant\n"
+
+
+def _assistant_prefix(text: str) -> str:
+    """What a chat template wrote after the final assistant header of a generation prompt."""
+    if not isinstance(text, str):
+        return ""
+    i = text.rfind(_ASSISTANT_HEADER)
+    return "" if i < 0 else text[i + len(_ASSISTANT_HEADER):]
+
+
+def assistant_suffix(family: str, completion: str, *, prefix: str = "") -> str:
     """Text appended after a generation prompt to form an SFT target: the completion and the ChatML
     end-of-turn. All four families close a turn with `<|im_end|>\\n`; the `<|im_end|>` is part of the
     target so the model learns to stop. Processor chat templates that rewrite assistant turns (e.g.
-    Qwen3-style templates that move a `<think>` block or add an empty one to the generation prompt)
-    are not modelled here: check such a processor's rendering before training on it."""
+    Qwen3-style templates that move a `<think>` block or open one in the generation prompt)
+    are not modelled here beyond `prefix`: pass `ChatPrompt.assistant_prefix`, and the target,
+    which must start with it, is returned without it (the prompt text already holds it)."""
     _check_family(family)
     if not isinstance(completion, str):
         raise UrtError(f"completion must be a string, got {type(completion).__name__}")
+    if prefix:
+        if not completion.startswith(prefix):
+            raise UrtError(
+                f"SFT target must start with the chat template's assistant prefix {prefix!r}; "
+                f"it starts with {completion[:len(prefix) + 10]!r}"
+            )
+        completion = completion[len(prefix):]
     return f"{completion}{IM_END}\n"

@@ -1,0 +1,32 @@
+"""GRPO rewards: the paper's format and accuracy rewards (METHOD.md §3), an optional consistency
+reward, and a registry for user-defined ones."""
+
+from urt.rewards.core import (
+    ANSWER_PATTERN,
+    DEFAULT_WEIGHTS,
+    FORMAT_PATTERN,
+    REWARDS,
+    RewardFn,
+    accuracy_reward,
+    consistency_reward,
+    extract_answer,
+    format_reward,
+    get_reward,
+    register_reward,
+    score,
+)
+
+__all__ = [
+    "ANSWER_PATTERN",
+    "DEFAULT_WEIGHTS",
+    "FORMAT_PATTERN",
+    "REWARDS",
+    "RewardFn",
+    "accuracy_reward",
+    "consistency_reward",
+    "extract_answer",
+    "format_reward",
+    "get_reward",
+    "register_reward",
+    "score",
+]

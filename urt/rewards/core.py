@@ -1,0 +1,130 @@
+"""GRPO rewards (METHOD.md §3) and a registry so users can add their own.
+
+Every reward has the signature `(completion: str, solution: str | None, **kwargs) -> float` and must
+never raise on any completion text (a GRPO step scores arbitrary sampled text). A bad *label* is a
+data error and raises UrtError. `completion` is the decoded text with special tokens skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+from urt.errors import UrtError
+from urt.prompts.parse import parse_output
+
+RewardFn = Callable[..., float]
+
+# The paper's regexes, verbatim: format is anchored at the start (re.match), trailing text allowed.
+FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
+ANSWER_PATTERN = r"<answer>(.*?)</answer>"
+_FORMAT_RE = re.compile(FORMAT_PATTERN, re.DOTALL)
+_ANSWER_RE = re.compile(ANSWER_PATTERN, re.DOTALL)
+
+REWARDS: dict[str, RewardFn] = {}
+DEFAULT_WEIGHTS: dict[str, float] = {"format": 1.0, "accuracy": 1.0}
+
+
+def register_reward(name: str, *, override: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward under `name` (used as `rewards/<name>` in logs and as the key in
+    `weights`). Re-registering a name is an error unless `override=True`, so a plugin cannot
+    silently replace the paper's rewards."""
+    if not isinstance(name, str) or not name:
+        raise UrtError(f"reward name must be a non-empty string, got {name!r}")
+
+    def deco(fn: RewardFn) -> RewardFn:
+        if not callable(fn):
+            raise UrtError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+        if name in REWARDS and not override:
+            raise UrtError(
+                f"reward {name!r} is already registered ({REWARDS[name].__module__}."
+                f"{REWARDS[name].__qualname__}); pass override=True to replace it"
+            )
+        REWARDS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_reward(name: str) -> RewardFn:
+    try:
+        return REWARDS[name]
+    except (KeyError, TypeError):
+        raise UrtError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}") from None
+
+
+def extract_answer(completion: str) -> str:
+    """The official extraction: first <answer>…</answer> (DOTALL), stripped; no tag → the whole
+    completion stripped."""
+    m = _ANSWER_RE.search(completion)
+    return (m.group(1) if m else completion).strip()
+
+
+@register_reward("format")
+def format_reward(completion: str, solution: str | None = None, **kwargs: Any) -> float:
+    """1.0 iff the completion starts with <think>…</think>, optional whitespace, <answer>…</answer>."""
+    if not isinstance(completion, str):
+        return 0.0
+    return 1.0 if _FORMAT_RE.match(completion) else 0.0
+
+
+@register_reward("accuracy")
+def accuracy_reward(completion: str, solution: str | None = None, **kwargs: Any) -> float:
+    """1.0 iff the extracted answer equals the label exactly (case and inner whitespace included).
+
+    The label is stripped too. The official code compares to the raw label, which differs only for a
+    label with surrounding whitespace, where it could never match a stripped answer (reward always
+    0); stripping keeps the method's meaning. An empty completion scores 0.0 as in the official code.
+    """
+    if not isinstance(solution, str) or not solution.strip():
+        raise UrtError(f"accuracy reward needs a non-empty label string as solution, got {solution!r}")
+    if not isinstance(completion, str) or not completion:
+        return 0.0
+    return 1.0 if extract_answer(completion) == solution.strip() else 0.0
+
+
+@register_reward("consistency")
+def consistency_reward(completion: str, solution: str | None = None, **kwargs: Any) -> float:
+    """Ours, not the paper's: 1.0 iff the `Total score:` lines inside <think> name the same winner
+    as <answer> (higher total wins). Equal totals, a missing total, or an answer that is not one of
+    the fixed strings score 0.0 — CoT mode has no tie, so a tied CoT cannot justify any answer."""
+    if not isinstance(completion, str):
+        return 0.0
+    j = parse_output(completion)
+    t1, t2 = j.totals.get(1), j.totals.get(2)
+    if t1 is None or t2 is None or t1 == t2 or j.winner not in (1, 2):
+        return 0.0
+    return 1.0 if (1 if t1 > t2 else 2) == j.winner else 0.0
+
+
+def score(
+    completions: Sequence[str],
+    solutions: Sequence[str | None] | None = None,
+    weights: Mapping[str, float] | None = None,
+    **kwargs: Any,
+) -> dict[str, list[float]]:
+    """Score a batch. Returns `rewards/<name>` (one list per weighted reward, for logging) and
+    `reward` (the weighted sum, what GRPO optimises). Default weights: the paper's format +
+    accuracy, 1.0 each. Extra kwargs are passed to every reward function."""
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights.items())
+    if not weights:
+        raise UrtError("reward weights are empty; name at least one reward")
+    fns = {name: get_reward(name) for name in weights}
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise UrtError(f"weight of reward {name!r} must be a number, got {w!r}")
+    completions = list(completions)
+    sols = [None] * len(completions) if solutions is None else list(solutions)
+    if len(sols) != len(completions):
+        raise UrtError(
+            f"got {len(completions)} completions but {len(sols)} solutions; they must pair up"
+        )
+    out: dict[str, list[float]] = {}
+    total = [0.0] * len(completions)
+    for name, fn in fns.items():
+        vals = [float(fn(c, s, **kwargs)) for c, s in zip(completions, sols)]
+        out[f"rewards/{name}"] = vals
+        w = float(weights[name])
+        total = [t + w * v for t, v in zip(total, vals)]
+    out["reward"] = total
+    return out
