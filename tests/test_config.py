@@ -61,3 +61,19 @@ def test_cli_config_prints_composed_yaml(capsys):
 def test_cli_config_bad_override_exits_2(capsys):
     assert main(["config", "reward=nope"]) == 2
     assert "reward=nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [o for o in group_options("model") if o.startswith("tiny_")])
+def test_tiny_model_configs_load_through_the_one_entry_point(option):
+    """A model config's keys are exactly load_model's arguments: what users compose is what loads."""
+    from omegaconf import OmegaConf
+
+    from urt.models import load_model
+
+    cfg = OmegaConf.to_container(compose_config([f"model={option}"]).model, resolve=True)
+    bundle = load_model(**cfg)
+    assert bundle.family == cfg["family"]
+    assert next(bundle.model.parameters()).device.type == "cpu"
+    # freeze_vision / freeze_projector defaults: only the language model trains, as in the paper.
+    trainable = {n for n, p in bundle.model.named_parameters() if p.requires_grad}
+    assert trainable and all(bundle.spec.part_of(n) == "language" for n in trainable)

@@ -63,6 +63,13 @@ def _is_cuda(device) -> bool:
     return str(device).startswith("cuda")
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" -> the current CUDA device when one is visible, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def choose_attn_implementation(requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
     """"auto" -> "flash_attention_2" when flash_attn is importable and the device is CUDA, else "sdpa".
     Any other value passes through unchanged."""
@@ -257,7 +264,7 @@ def load_model(
     *,
     attn_implementation: str = "auto",
     dtype="auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     freeze_vision: bool = True,
     freeze_projector: bool = True,
     freeze_language: bool = False,
@@ -278,6 +285,7 @@ def load_model(
     """
     if family is not None:
         get_family(family)
+    device = resolve_device(device)
     attn = choose_attn_implementation(attn_implementation, device)
     torch_dtype = _resolve_dtype(dtype)
     name = str(name_or_path)
