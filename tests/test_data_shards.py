@@ -9,7 +9,7 @@ from PIL import Image
 from data_fixtures import (empty_video_bytes, four_task_samples, header, mp4_bytes, png_bytes, raw_sample,
                            synthetic_frames, vqa_image, write_raw_shard)
 from urt.data.schema import Sample, Video
-from urt.data.shards import (INDEX_NAME, ShardError, SkipStats, decode_sample, make_pipeline, read_index,
+from urt.data.shards import (ShardError, SkipStats, decode_sample, make_pipeline, read_index,
                              read_shards, resolve_shards, tar_key, write_shards)
 from urt.data.video import decode_video, uniform_indices
 from urt.errors import UrtError

@@ -97,34 +97,41 @@ class Sample:
         return {"question": self.question, "answer1": self.answers[0], "answer2": self.answers[1]}
 
 
-def validate(s: Sample) -> None:
-    """Raise UrtError naming the sample and what is wrong with it."""
-    where = f"sample {s.key!r}"
+def violation(s, *, image_type=Image.Image, video_type=Video) -> tuple[str, str] | None:
+    """The first schema rule that `s` breaks, as (reason, message), or None. Shared by Sample
+    (pixels) and the converters' records (visual references: pass their image/video types)."""
     if not s.key or not isinstance(s.key, str):
-        raise UrtError(f"sample key must be a non-empty string, got {s.key!r}")
+        return "invalid sample", f"key must be a non-empty string, got {s.key!r}"
     if s.task not in TASKS:
-        raise UrtError(f"{where}: unknown task {s.task!r}; known tasks: {', '.join(TASKS)}")
+        return "invalid sample", f"unknown task {s.task!r}; known tasks: {', '.join(TASKS)}"
     if s.label not in LABELS or isinstance(s.label, bool):
-        raise UrtError(f"{where}: label must be 1, 2 or 'tie', got {s.label!r}")
+        return "bad label", f"label must be 1, 2 or 'tie', got {s.label!r}"
     if s.task in GENERATION_TASKS:
         if not isinstance(s.caption, str):
-            raise UrtError(f"{where}: task {s.task} needs a caption")
+            return "missing field", f"task {s.task} needs a caption (string), got {s.caption!r}"
         want = 2
     else:
         if not isinstance(s.question, str):
-            raise UrtError(f"{where}: task {s.task} needs a question")
+            return "missing field", f"task {s.task} needs a question (string), got {s.question!r}"
         if s.answers is None or len(s.answers) != 2 or not all(isinstance(a, str) for a in s.answers):
-            raise UrtError(f"{where}: task {s.task} needs two candidate answers (strings), got {s.answers!r}")
+            return "missing field", f"task {s.task} needs two candidate answers (strings), got {s.answers!r}"
         want = 1
     if len(s.visuals) != want:
-        raise UrtError(f"{where}: task {s.task} needs {want} visual(s), got {len(s.visuals)}")
-    kind = Video if s.modality == "video" else Image.Image
+        return "bad visuals", f"task {s.task} needs {want} visual(s), got {len(s.visuals)}"
+    kind = video_type if task_modality(s.task) == "video" else image_type
     for i, v in enumerate(s.visuals):
         if not isinstance(v, kind):
-            raise UrtError(f"{where}: visual {i} must be a{' video' if kind is Video else 'n image'} for task "
-                           f"{s.task}, got {type(v).__name__}")
+            return "bad visuals", f"visual {i} of task {s.task} must be {kind.__name__}, got {type(v).__name__}"
     if s.cot is not None and not isinstance(s.cot, str):
-        raise UrtError(f"{where}: cot must be a string")
+        return "invalid sample", f"cot must be a string, got {type(s.cot).__name__}"
+    return None
+
+
+def validate(s: Sample) -> None:
+    """Raise UrtError naming the sample and what is wrong with it."""
+    bad = violation(s)
+    if bad is not None:
+        raise UrtError(f"sample {s.key!r}: {bad[1]}")
 
 
 def load_image(src: str | Path | bytes, *, where: str = "") -> Image.Image:

@@ -108,7 +108,12 @@ FAMILIES: dict[str, FamilySpec] = {
         model_types=("qwen3_5",),
         model_class="Qwen3_5ForConditionalGeneration",
         processor_class="Qwen3VLProcessor",  # transformers maps model_type qwen3_5 to Qwen3VLProcessor
-        hub_ids=(),  # no released UnifiedReward-Think Qwen3.5 checkpoint id verified here
+        # Names as the project's release list gives them (-qwen35-4b/9b/27b); not checked against a hub here.
+        hub_ids=(
+            "CodeGoat24/UnifiedReward-Think-qwen35-4b",
+            "CodeGoat24/UnifiedReward-Think-qwen35-9b",
+            "CodeGoat24/UnifiedReward-Think-qwen35-27b",
+        ),
         prompt_set="qwen3",
         vision_prefixes=("model.visual.",),
         projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),

@@ -21,12 +21,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from urt.data.schema import (
     GENERATION_TASKS,
-    LABELS,
-    TASKS,
     Sample,
     Video,
     load_image,
-    task_modality,
+    violation,
 )
 from urt.errors import UrtError
 
@@ -156,36 +154,13 @@ class Record:
 
 
 def check_record(r: Record) -> None:
-    """The schema's rules (`urt.data.schema.validate`) applied to a record; raises ItemError."""
-    if not r.key or not isinstance(r.key, str):
-        raise ItemError("invalid sample", f"key must be a non-empty string, got {r.key!r}")
-    if r.task not in TASKS:
-        raise ItemError("invalid sample", f"unknown task {r.task!r}")
-    if r.label not in LABELS or isinstance(r.label, bool):
-        raise ItemError("bad label", f"label must be 1, 2 or 'tie', got {r.label!r}")
-    if r.task in GENERATION_TASKS:
-        if not isinstance(r.caption, str):
-            raise ItemError("missing field", f"task {r.task} needs a caption (string), got {r.caption!r}")
-        want = 2
-    else:
-        if not isinstance(r.question, str):
-            raise ItemError("missing field", f"task {r.task} needs a question (string), got {r.question!r}")
-        if (r.answers is None or len(r.answers) != 2
-                or not all(isinstance(a, str) for a in r.answers)):
-            raise ItemError("missing field", f"task {r.task} needs two candidate answers (strings), "
-                                             f"got {r.answers!r}")
-        want = 1
-    if len(r.visuals) != want:
-        raise ItemError("bad visuals", f"task {r.task} needs {want} visual(s), got {len(r.visuals)}")
-    kind = VideoRef if task_modality(r.task) == "video" else ImageRef
+    """The schema's rules (`urt.data.schema.violation`) applied to a record; raises ItemError."""
+    bad = violation(r, image_type=ImageRef, video_type=VideoRef)
+    if bad is not None:
+        raise ItemError(*bad)
     for v in r.visuals:
-        if not isinstance(v, kind):
-            raise ItemError("bad visuals", f"task {r.task} needs {kind.__name__} visuals, got "
-                                           f"{type(v).__name__}")
         if isinstance(v, VideoRef) and v.frames is not None and len(v.frames) == 0:
             raise ItemError("bad visuals", "a video given as frames needs at least one frame")
-    if r.cot is not None and not isinstance(r.cot, str):
-        raise ItemError("invalid sample", f"cot must be a string, got {type(r.cot).__name__}")
 
 
 # ------------------------------------------------------------------------------------- materialize
