@@ -1,0 +1,188 @@
+"""urt.data.encode: exact label boundaries, prompt mode, targets (CoT / answer / tie), Qwen3.5's
+`<think>\\n` prefix, video metadata (fps -> timestamps / second_per_grid_ts, no resampling), LLaVA-OV
+multi-image handling, and the never-truncate rule. Processors only (no model weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+
+import pytest
+import torch
+
+from data_fixtures import four_task_samples, synthetic_frames, mp4_bytes
+from urt.data.encode import IGNORE_INDEX, Encoded, OverlongSample, SampleEncoder
+from urt.data.schema import Video
+from urt.errors import UrtError
+from urt.models.tiny import tiny_processor
+
+FAMILIES = ["llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+COT = "<think>Answer 1: 7/10\nAnswer 2: 4/10</think>\n<answer>Answer 1 is better</answer>"
+
+_PROCESSORS: dict = {}
+
+
+def proc(family):
+    if family not in _PROCESSORS:
+        _PROCESSORS[family] = tiny_processor(family)
+    return _PROCESSORS[family]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """ig (2 images, CoT), iu (1 image), vg (2 videos, fps 4 / unknown), vu (5 frames at 5 fps); all with CoTs."""
+    out = four_task_samples(video_data=False)
+    return [dataclasses.replace(s, cot=s.cot or COT) for s in out]
+
+
+def supervised_text(tok, e: Encoded) -> str:
+    return tok.decode(e.input_ids[e.labels != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_cover_exactly_target_and_im_end(family, samples):
+    p = proc(family)
+    enc = SampleEncoder(p, family)
+    prompt_enc = SampleEncoder(p, family, mode="prompt")
+    for s in samples:
+        e = enc(s)
+        assert isinstance(e, Encoded) and e.key == s.key and e.task == s.task and e.label == s.label
+        assert e.input_ids.dtype == torch.long and e.labels.shape == e.input_ids.shape and len(e) == e.input_ids.numel()
+        sup = (e.labels != IGNORE_INDEX).nonzero().flatten()
+        # One contiguous span starting at prompt_length; labels equal the ids there.
+        assert sup[0].item() == e.prompt_length and sup[-1].item() - sup[0].item() + 1 == len(sup)
+        assert torch.equal(e.labels[sup], e.input_ids[sup])
+        prefix = e.meta["assistant_prefix"]
+        expected = s.cot[len(prefix):] if s.cot.startswith(prefix) else e.meta["target_text"]
+        assert supervised_text(p.tokenizer, e) == expected + "<|im_end|>"
+        # the trailing newline after <|im_end|> is in the input but not supervised
+        assert p.tokenizer.decode(e.input_ids[sup[-1] + 1:]) == "\n"
+        # prompt mode: the same prompt tokens, nothing supervised, ends with the generation prompt
+        q = prompt_enc(s)
+        assert q.num_supervised == 0 and q.prompt_length == len(q)
+        assert torch.equal(q.input_ids, e.input_ids[: e.prompt_length])
+        text = p.tokenizer.decode(q.input_ids)
+        assert text.endswith("<|im_start|>assistant\n" + prefix)
+        if family == "llava_onevision":
+            assert e.mm_token_type_ids is None
+        else:
+            assert e.mm_token_type_ids.shape == e.input_ids.shape
+
+
+def test_qwen3_5_think_prefix(samples):
+    """The Qwen3.5 template opens `<think>\\n`: the target continues it; a CoT starting `<think>` without
+    the newline is normalised (not rejected), one starting with the prefix is used as is."""
+    p = proc("qwen3_5")
+    enc = SampleEncoder(p, "qwen3_5")
+    s = samples[0]  # "<think>Image 1: 8/10 ..."
+    e = enc(s)
+    assert e.meta["assistant_prefix"] == "<think>\n" and e.meta.get("target_normalised")
+    assert supervised_text(p.tokenizer, e) == s.cot[len("<think>"):] + "<|im_end|>"
+    exact = dataclasses.replace(s, cot="<think>\nImage 1: 8/10</think>\n<answer>Image 1 is better</answer>")
+    e2 = enc(exact)
+    assert "target_normalised" not in e2.meta
+    assert supervised_text(p.tokenizer, e2) == "Image 1: 8/10</think>\n<answer>Image 1 is better</answer><|im_end|>"
+    assert p.tokenizer.decode(e2.input_ids[: e2.prompt_length]).endswith("<|im_start|>assistant\n<think>\n")
+    bad = dataclasses.replace(s, cot="Image 1 is better")
+    with pytest.raises(UrtError, match="ig.0/a"):
+        enc(bad)
+
+
+def test_answer_targets_and_ties(samples):
+    ig, iu, vg, _ = samples
+    p = proc("qwen2_5_vl")
+    paper = SampleEncoder(p, "qwen2_5_vl", target="answer")
+    assert supervised_text(p.tokenizer, paper(ig)) == "<answer>Image 1 is better</answer><|im_end|>"
+    assert supervised_text(p.tokenizer, paper(iu)) == "<answer>Answer 2 is better</answer><|im_end|>"
+    with pytest.raises(UrtError, match="vg-0.*tie"):
+        paper(vg)  # a tie has no answer string in the paper prompts
+    implicit = SampleEncoder(p, "qwen2_5_vl", template_set="implicit", target="answer")
+    assert supervised_text(p.tokenizer, implicit(ig)) == "Image 1 is better<|im_end|>"
+    assert supervised_text(p.tokenizer, implicit(vg)) == "Both videos are equally good<|im_end|>"
+    # Qwen3.5 direct answers: the template's no-think form, so no <think> is expected in the target.
+    p35 = proc("qwen3_5")
+    e = SampleEncoder(p35, "qwen3_5", target="answer")(iu)
+    assert p35.tokenizer.decode(e.input_ids[: e.prompt_length]).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert supervised_text(p35.tokenizer, e) == "<answer>Answer 2 is better</answer><|im_end|>"
+    assert e.meta["assistant_prefix"] == ""
+
+
+def test_missing_cot_and_bad_options(samples):
+    p = proc("qwen2_5_vl")
+    no_cot = dataclasses.replace(samples[1], cot=None)
+    with pytest.raises(UrtError, match="iu-0.*CoT"):
+        SampleEncoder(p, "qwen2_5_vl")(no_cot)
+    assert SampleEncoder(p, "qwen2_5_vl", mode="prompt")(no_cot).num_supervised == 0  # prompts need no target
+    for kw in (dict(mode="train"), dict(target="both"), dict(max_length=0)):
+        with pytest.raises(UrtError):
+            SampleEncoder(p, "qwen2_5_vl", **kw)
+    encoded_video = dataclasses.replace(samples[3], visuals=[Video(data=mp4_bytes(4, 4.0))])
+    with pytest.raises(UrtError, match="vu-0.*decode"):
+        SampleEncoder(p, "qwen2_5_vl")(encoded_video)
+
+
+def test_overlong_raises_never_truncates(samples):
+    p = proc("qwen2_5_vl")
+    full = SampleEncoder(p, "qwen2_5_vl")(samples[0])
+    n = len(full)
+    assert len(SampleEncoder(p, "qwen2_5_vl", max_length=n)(samples[0])) == n
+    with pytest.raises(OverlongSample) as info:
+        SampleEncoder(p, "qwen2_5_vl", max_length=n - 1)(samples[0])
+    err = info.value
+    assert isinstance(err, UrtError) and (err.key, err.length, err.max_length) == ("ig.0/a", n, n - 1)
+    assert "ig.0/a" in str(err) and str(n) in str(err)
+    back = pickle.loads(pickle.dumps(err))  # crosses DataLoader worker boundaries
+    assert (back.key, back.length, back.max_length) == (err.key, err.length, err.max_length)
+
+
+def test_qwen_video_metadata_no_resampling_no_fps_fallback(samples, caplog):
+    _, _, vg, vu = samples  # vu: 5 frames at 5 fps; vg: 6 frames at 4 fps + 6 frames fps unknown
+    p = proc("qwen3_vl")
+    enc = SampleEncoder(p, "qwen3_vl", mode="prompt")
+    with caplog.at_level(logging.WARNING):
+        e = enc(vu)
+    assert "fps=24" not in caplog.text
+    assert "assumed_fps" not in e.meta
+    # 5 frames -> 3 temporal groups (padded to 6), no resampling; timestamps from fps 5: mean of frame pairs
+    assert e.visual["video_grid_thw"].tolist()[0][0] == 3
+    text = p.tokenizer.decode(e.input_ids)
+    assert "<0.1 seconds>" in text and "<0.5 seconds>" in text and "<0.8 seconds>" in text  # last group repeats frame 4
+    # qwen3 set sends the pair as one 12-frame video; the first video's fps (4) dates it.
+    e = enc(vg)
+    assert e.visual["video_grid_thw"].tolist() == [[6, 4, 4]]
+    assert "<0.1 seconds>" in p.tokenizer.decode(e.input_ids) and "<2.6 seconds>" in p.tokenizer.decode(e.input_ids)
+    # Unknown fps everywhere: DEFAULT_VIDEO_FPS, recorded, and no fps=24 fallback.
+    nofps = dataclasses.replace(vu, visuals=[Video(frames=synthetic_frames(4))])
+    with caplog.at_level(logging.WARNING):
+        e = enc(nofps)
+    assert e.meta["assumed_fps"] == 2.0 and "fps=24" not in caplog.text
+    # Qwen2.5-VL: second_per_grid_ts = temporal_patch_size / fps, per video.
+    p25 = proc("qwen2_5_vl")
+    e = SampleEncoder(p25, "qwen2_5_vl", mode="prompt")(vg)
+    assert e.visual["second_per_grid_ts"].tolist() == pytest.approx([2 / 4.0, 2 / 2.0])
+    assert e.visual["video_grid_thw"][:, 0].tolist() == [3, 3]
+    assert e.meta["assumed_fps"] == 2.0
+
+
+def test_llava_multi_image_and_frames(samples):
+    p = proc("llava_onevision")
+    enc = SampleEncoder(p, "llava_onevision", mode="prompt")
+    image_id = p.tokenizer.convert_tokens_to_ids("<image>")
+    ig, iu, vg, vu = (enc(s) for s in samples)
+    # A pair is one multi-image prompt: base view only, 16 + 1 (newline) tokens per image.
+    assert ig.visual["batch_num_images"].tolist() == [2] and ig.visual["pixel_values"].shape[:2] == (2, 1)
+    assert int((ig.input_ids == image_id).sum()) == 2 * 17
+    # A single image goes through anyres (several crops).
+    assert iu.visual["batch_num_images"].tolist() == [1] and iu.visual["pixel_values"].shape[1] > 1
+    # Video frames are images: 5 frames -> 5 base views.
+    assert vu.visual["batch_num_images"].tolist() == [5] and int((vu.input_ids == image_id).sum()) == 5 * 17
+    assert vg.visual["batch_num_images"].tolist() == [12]
+
+
+def test_encoder_pickles_for_workers(samples):
+    enc = SampleEncoder(proc("qwen3_vl"), "qwen3_vl", max_length=4096)
+    again = pickle.loads(pickle.dumps(enc))
+    a, b = enc(samples[3]), again(samples[3])
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.visual["pixel_values_videos"], b.visual["pixel_values_videos"])
