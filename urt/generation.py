@@ -1,0 +1,307 @@
+"""Batched text generation from encoded prompts: what evaluation, rejection sampling, GRPO rollouts,
+the judge and the server all call.
+
+`generate(bundle, prompts, cfg)` takes `Encoded` prompts (`SampleEncoder(..., mode="prompt")`) and
+returns, per prompt and in input order, `cfg.num_return_sequences` completions:
+
+* prompts are sorted by length (longest first) and cut into batches of `cfg.batch_size` prompts, each
+  left-padded (`PaddedCollator(padding_side="left")`) and run through `model.generate` with the KV
+  cache; with several return sequences each prompt is repeated in the batch (so every family's visual
+  tensors line up with their placeholders; HF's own expansion repeats per image, not per prompt);
+* generation stops at `<|im_end|>` and the tokenizer's eos;
+* every vision placeholder / special vision token (`<|image_pad|>`, `<|video_pad|>`,
+  `<|vision_start|>`, `<|vision_end|>`, `<|vision_pad|>`, `<image>`, `<video>`, and the ids the model
+  config names) gets -inf logits: a sampled placeholder would break the next training forward
+  ("Image features and image tokens do not match", DEMO-NOTES pitfall 5);
+* sampling settings come from `GenerationConfig` only: a checkpoint's own generation_config.json
+  (Qwen's ships top_k=1, temperature 0.1, repetition_penalty 1.05) never leaks in;
+* sampling is seeded (`cfg.seed`, RNG state restored afterwards): same seed, same completions;
+* text is decoded with special tokens skipped and the prompt's assistant prefix
+  (`Encoded.meta["assistant_prefix"]`, e.g. Qwen3.5's `<think>\\n`) prepended, so it is exactly what
+  the parser and the rewards must see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from urt.errors import UrtError
+
+IM_END = "<|im_end|>"
+# Special vision tokens of the four families' tokenizers (whichever exist are suppressed).
+VISION_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<image>",
+    "<video>",
+)
+# Config attributes naming vision token ids (Qwen: *_token_id; LLaVA-OV: *_token_index).
+_VISION_ID_ATTRS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+    "image_token_index",
+    "video_token_index",
+)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 1024
+    temperature: float = 0.0  # 0 → greedy
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+    batch_size: int = 8  # prompts per generate call
+    seed: int = 0
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) < 1:
+            raise UrtError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature is None or float(self.temperature) < 0:
+            raise UrtError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_p is None or not 0 < float(self.top_p) <= 1:
+            raise UrtError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.num_return_sequences, bool) or int(self.num_return_sequences) < 1:
+            raise UrtError(f"num_return_sequences must be a positive integer, got {self.num_return_sequences!r}")
+        if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
+            raise UrtError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return float(self.temperature) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ tokens
+
+
+def _token_id(tok, token: str) -> int | None:
+    try:
+        i = tok.convert_tokens_to_ids(token)
+    except Exception:  # noqa: BLE001 - tokenizers differ in what they raise for unknown tokens
+        return None
+    if i is None or isinstance(i, list):
+        return None
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and i == unk and token != getattr(tok, "unk_token", None):
+        return None
+    return int(i)
+
+
+def _vocab_size(model) -> int | None:
+    try:
+        emb = model.get_output_embeddings()
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            return int(emb.weight.shape[0])
+    except Exception:  # noqa: BLE001
+        pass
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    size = getattr(text, "vocab_size", None) or getattr(cfg, "vocab_size", None)
+    return int(size) if size else None
+
+
+def vision_token_ids(bundle) -> list[int]:
+    """Ids of every special vision token the tokenizer or the model config knows (sorted)."""
+    tok = bundle.tokenizer
+    ids: set[int] = set()
+    for t in VISION_TOKENS:
+        i = _token_id(tok, t)
+        if i is not None:
+            ids.add(i)
+    for owner in (bundle.processor, tok):
+        for attr in ("image_token", "video_token", "vision_start_token", "vision_end_token"):
+            t = getattr(owner, attr, None)
+            if isinstance(t, str) and t:
+                i = _token_id(tok, t)
+                if i is not None:
+                    ids.add(i)
+    cfg = bundle.model.config
+    for owner in (cfg, getattr(cfg, "text_config", None)):
+        if owner is None:
+            continue
+        for attr in _VISION_ID_ATTRS:
+            v = getattr(owner, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                ids.add(v)
+    vocab = _vocab_size(bundle.model)
+    return sorted(i for i in ids if vocab is None or i < vocab)
+
+
+def stop_token_ids(bundle) -> list[int]:
+    """`<|im_end|>`, the tokenizer's eos and the model's generation eos ids (deduplicated, in order)."""
+    tok = bundle.tokenizer
+    out: list[int] = []
+
+    def add(v) -> None:
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(x, int) and not isinstance(x, bool) and x >= 0 and x not in out:
+                out.append(x)
+
+    add(_token_id(tok, IM_END))
+    add(getattr(tok, "eos_token_id", None))
+    add(getattr(getattr(bundle.model, "generation_config", None), "eos_token_id", None))
+    if not out:
+        raise UrtError(f"the {bundle.family} tokenizer has neither {IM_END} nor an eos token; cannot stop generation")
+    return out
+
+
+class SuppressTokens:
+    """Logits processor: -inf for the given token ids (the vision placeholders)."""
+
+    def __init__(self, token_ids: Sequence[int]):
+        self.token_ids = sorted(set(int(i) for i in token_ids))
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.token_ids:
+            return scores
+        idx = self._index.get(scores.device)
+        if idx is None:
+            idx = torch.tensor([i for i in self.token_ids if i < scores.shape[-1]], dtype=torch.long,
+                               device=scores.device)
+            self._index[scores.device] = idx
+        scores = scores.clone()
+        scores[:, idx] = -float("inf")
+        return scores
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _model_dtype(model) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _to_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors to the model's device; pixel tensors to its dtype (other float inputs such as
+    `second_per_grid_ts` keep theirs: bf16 rounding could shift mRoPE time positions)."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            cast = v.is_floating_point() and k.startswith("pixel_values")
+            v = v.to(device=device, dtype=dtype) if cast else v.to(device)
+        out[k] = v
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=False)
+    prog.start()
+    return prog, prog.add_task(desc, total=total)
+
+
+def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
+             desc: str = "generating") -> list[list[str]]:
+    """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
+    `cfg.num_return_sequences` strings per prompt, each starting with the prompt's assistant prefix."""
+    from transformers import LogitsProcessorList
+
+    from urt.data.collate import make_collator, model_inputs
+    from urt.data.encode import Encoded
+
+    if cfg is None:
+        cfg = GenerationConfig()
+    cfg.validate()
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Encoded):
+            raise UrtError(f"generate takes Encoded prompts (urt.data.encode.SampleEncoder mode='prompt'); "
+                           f"prompt {i} is a {type(p).__name__}")
+        if p.prompt_length != len(p) or int((p.labels != -100).sum()) > 0:
+            raise UrtError(f"prompt {p.key!r} was encoded with a target (mode='sft'); generation needs "
+                           f"prompt-only encodings (SampleEncoder(..., mode='prompt'))")
+    if not prompts:
+        return []
+
+    model = bundle.model
+    tok = bundle.tokenizer
+    n = int(cfg.num_return_sequences)
+    greedy = cfg.greedy
+    copies = 1 if greedy else n  # greedy decoding gives n identical sequences: decode once, repeat
+    collate = make_collator("padded", bundle, padding_side="left")
+    device, dtype = _model_device(model), _model_dtype(model)
+    stops = stop_token_ids(bundle)
+    processors = LogitsProcessorList([SuppressTokens(vision_token_ids(bundle))])
+    gen_kwargs = dict(
+        max_new_tokens=int(cfg.max_new_tokens),
+        do_sample=not greedy,
+        num_beams=1,
+        num_return_sequences=1,
+        eos_token_id=stops,
+        pad_token_id=collate.pad_token_id,
+        use_cache=True,
+        # Explicit, so a checkpoint's generation_config.json (top_k, repetition_penalty, ...) cannot
+        # change the method's sampling. transformers' global default top_k=50 would apply when unset:
+        # sampling uses no top-k (0); greedy gets the neutral defaults (no "ignored flag" warnings).
+        repetition_penalty=1.0,
+        typical_p=1.0,
+        no_repeat_ngram_size=0,
+        logits_processor=processors,
+    )
+    if not greedy:
+        gen_kwargs.update(temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=0)
+    else:
+        gen_kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
+
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    bs = int(cfg.batch_size)
+    results: list[list[str] | None] = [None] * len(prompts)
+    bar = _progress(len(prompts), desc, progress)
+    was_training = model.training
+    model.eval()
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+            torch.manual_seed(int(cfg.seed))
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                rows = [prompts[i] for i in idx for _ in range(copies)]
+                batch = collate(rows)
+                inputs = _to_device(model_inputs(batch), device, dtype)
+                width = int(inputs["input_ids"].shape[1])
+                try:
+                    out = model.generate(**inputs, **gen_kwargs)
+                except UrtError:
+                    raise
+                except (ValueError, RuntimeError) as err:
+                    raise UrtError(f"generation failed for prompts {[prompts[i].key for i in idx]}: "
+                                   f"{type(err).__name__}: {err}") from err
+                new = out[:, width:].tolist()
+                texts = []
+                for seq in new:
+                    cut = next((j for j, t in enumerate(seq) if t in stops), len(seq))
+                    texts.append(tok.decode(seq[:cut], skip_special_tokens=True))
+                for k, i in enumerate(idx):
+                    prefix = prompts[i].meta.get("assistant_prefix", "") or ""
+                    mine = texts[k * copies:(k + 1) * copies]
+                    if greedy:
+                        mine = mine * n
+                    results[i] = [prefix + t for t in mine]
+                if bar is not None:
+                    bar[0].advance(bar[1], len(idx))
+    finally:
+        if bar is not None:
+            bar[0].stop()
+        if was_training:
+            model.train()
+    return results  # type: ignore[return-value]
