@@ -357,3 +357,14 @@ def test_duplicate_member_reported(tmp_path):
     assert st.skipped == {"duplicate_member": 1}
     with pytest.raises(ShardError, match=r"d.tar: sample 'k': duplicate_member: k.v1.png: duplicate file name"):
         list(read_shards(shard))
+
+
+def test_empty_shard_set_reads_as_no_samples(tmp_path):
+    """write_shards over zero samples leaves only index.json: a valid empty set, not an error (the SFT
+    side of rejection sampling when no trace was correct)."""
+    assert write_shards([], tmp_path) == []
+    assert list(read_shards(tmp_path)) == []
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(UrtError, match="no .tar shards"):  # no index either: surely a wrong path
+        list(read_shards(bare))

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
+from torch.utils.data import IterableDataset
 
 from urt.data.schema import GENERATION_TASKS, LABELS, TASKS, Sample, Video, load_image, to_rgb
 from urt.data.video import (EmptyVideoError, decode_video, encode_video, fit_pixels, sample_indices)
@@ -376,6 +377,10 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
                 raise UrtError(f"{p / INDEX_NAME}: lists shard(s) that do not exist: {', '.join(missing[:3])}")
             return urls
         urls = sorted(str(x) for x in p.glob("*.tar"))
+        if not urls and index is not None and not index.get("shards"):
+            # write_shards over zero samples writes only the index: a valid, empty set (e.g. the SFT
+            # side of rejection sampling when no trace was correct).
+            return []
         if not urls:
             raise UrtError(f"{p}: no .tar shards in this directory")
         return urls
@@ -648,6 +653,8 @@ def make_pipeline(urls, *, shuffle_buffer: int = 0, seed: int = 0, shardshuffle:
     import webdataset as wds
 
     url_list = resolve_shards(urls)
+    if not url_list:  # an empty shard set (index.json with no shards) reads as no samples
+        return _NoSamples()
     opts = _load_opts(**load_opts)
     guard = _Guard(on_error, stats, _expected_counts(url_list))
     ds = wds.WebDataset(url_list, handler=guard.handler, shardshuffle=shardshuffle or False,
@@ -661,6 +668,11 @@ def make_pipeline(urls, *, shuffle_buffer: int = 0, seed: int = 0, shardshuffle:
     ds = ds.map(guard.counted)
     ds.urt_stats = guard.stats
     return ds
+
+
+class _NoSamples(IterableDataset):
+    def __iter__(self):
+        return iter(())
 
 
 def read_shards(urls_or_dir, *, on_error: str = "raise", frames: int = 8, frame_sampling: str = "uniform",
