@@ -10,7 +10,25 @@ from urt.config import compose_config, conf_dir, group_options
 from urt.errors import UrtError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.rglob("*.yaml")))
+
+
+def options(group: str) -> list[str]:
+    """Every shipped option of a group, nested ones as `paper/llava_ov_7b/cold_start`."""
+    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
+
+
+ROOT_GROUPS = {
+    next(iter(d)).split(" ")[-1] if isinstance(d, dict) else d
+    for d in yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+    if isinstance(d, dict)
+}
+
+
+def override(group: str, option: str) -> str:
+    """`group=option` for groups in the root defaults list, `+group=option` for opt-in groups
+    (experiment, distill, ...), exactly as a user would type them."""
+    return f"{group}={option}" if group in ROOT_GROUPS else f"+{group}={option}"
 
 
 def test_conf_dir_is_the_repository_tree():
@@ -19,15 +37,15 @@ def test_conf_dir_is_the_repository_tree():
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in GROUPS for o in sorted(p.stem for p in (CONF / g).glob("*.yaml"))],
+    [(g, o) for g in GROUPS for o in options(g)],
 )
 def test_every_shipped_option_composes(group, option):
-    cfg = compose_config([f"{group}={option}"])
+    cfg = compose_config([override(group, option)])
     # Resolving catches broken interpolations, not just YAML syntax.
     from omegaconf import OmegaConf
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert group in resolved
+    assert group.split("/")[0] in resolved or group == "experiment"
     if group == "model":
         from urt.models import FAMILIES
 
