@@ -342,3 +342,27 @@ def test_schedule_length_from_the_shard_index(shards):
     assert _num_batches(RewardDataModule(train_shards=[shards], batch_size=2, order="keep")) == 4
     assert _num_batches(RewardDataModule(train_shards=[shards], batch_size=2, order="both")) == 8
     assert _num_batches(RewardDataModule(train_shards=[shards], batch_size=4, tasks=["image_generation"])) == 2
+
+
+def test_lora_with_gradient_checkpointing_trains_and_exports_merged(tmp_path, shards):
+    """LoRA adapters on the language model (+ gradient checkpointing) train, and the exported folder is
+    a plain, merged transformers checkpoint whose weights moved away from the base."""
+    from urt.models import load_model
+    from urt.train import train
+
+    cfg = _cfg(["model=tiny_qwen2_5_vl", "data.target=answer", "stage.run_name=lora", "optimizer.lr=5e-2",
+                "model.gradient_checkpointing=true", "+model.lora={r: 4, alpha: 8, dropout: 0.0}"],
+               tmp_path, shards, steps=3)
+    hf = train(cfg)
+    base = load_model("tiny", "qwen2_5_vl").model.state_dict()
+    code = (
+        "import sys, torch; from transformers import AutoModelForImageTextToText as M;"
+        "m = M.from_pretrained(sys.argv[1]); sd = m.state_dict();"
+        "assert not any('lora' in k for k in sd), 'adapters were not merged';"
+        "torch.save({k: v for k, v in sd.items() if 'q_proj.weight' in k}, sys.argv[2])"
+    )
+    out = tmp_path / "q.pt"
+    subprocess.run([sys.executable, "-c", code, str(hf), str(out)], check=True, env={**os.environ, "PYTHONPATH": ""})
+    q = torch.load(out)
+    moved = [k for k, v in q.items() if "language_model" in k and not torch.equal(v, base[k])]
+    assert moved, "LoRA training left the language model's q_proj unchanged"
