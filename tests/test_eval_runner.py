@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_fixtures import vqa_image, vqa_question
+from data_fixtures import mp4_bytes, vqa_image, vqa_question
 from urt.data.schema import Sample
 from urt.data.shards import write_shards
 from urt.eval import read_predictions, score
@@ -134,3 +134,84 @@ def test_runner_real_vl_rewardbench_slice(tmp_path, counted):
     # resume: nothing regenerated
     assert run_cli(argv) == 0
     assert sum(counted) == 6
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def check_video_run(argv, out, counted, keys, votes):
+    """A video-generation benchmark run with order=both: 2 judgements per item, tau/diff/by_vote and the
+    position consistency block in results, nothing regenerated on a re-run."""
+    assert run_cli(argv) == 0
+    assert sum(counted) == 2 * len(keys)
+    lines = gen_lines(out)
+    assert len(lines) == 2 * len(keys)
+    assert sorted((g["key"], g["swapped"]) for g in lines) == sorted((k, sw) for k in keys for sw in (False, True))
+    assert all(g["task"] == "video_generation" and isinstance(g["output"], str) for g in lines)
+    r = json.loads((out / "results.json").read_text())
+    assert r["counts"]["items"] == len(keys) and r["counts"]["missing"] == 0 and r["complete"]
+    assert r["counts"]["judgements"] == 2 * len(keys) and r["counts"]["orders"] == {"original": 3, "swapped": 3}
+    assert r["mode"] == "cot" and r["tau"] is None and "tau_note" in r
+    assert 0.0 <= r["diff"] <= 1.0  # non-tie items exist
+    assert r["tau_diff_counts"]["all"] == 2 * len(keys)
+    assert r["tau_diff_counts"]["non_tie"] == 2 * sum(v not in ("same", "tievote", "bothbad_vote") for v in votes)
+    assert set(r["by_vote"]) == set(votes) and sum(b["n"] for b in r["by_vote"].values()) == 2 * len(keys)
+    assert r["position"]["consistency"]["pairs"] == len(keys) and r["counts"]["both_orders"] == len(keys)
+    assert r["by_task"]["video_generation"]["tau"] is None
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["frames"] == 4 and run_info["max_new_tokens"] == 8
+    # resume: nothing regenerated, the same numbers
+    assert run_cli(argv) == 0
+    assert sum(counted) == 2 * len(keys)
+    r2 = json.loads((out / "results.json").read_text())
+    assert r2["run"]["generated_now"] == 0 and r2["run"]["reused"] == 2 * len(keys)
+    assert r2["accuracy"] == r["accuracy"] and r2["by_vote"] == r["by_vote"]
+
+
+def video_argv(benchmark, path, root, out):
+    return ["eval", "--model", "tiny", "--family", "qwen2_5_vl", "--benchmark", benchmark,
+            "--benchmark-file", str(path), "--root", str(root), "--limit", "3", "--order", "both",
+            "--frames", "4", "--max-new-tokens", "8", "--batch-size", "4", "--no-progress", "--out", str(out)]
+
+
+@pytest.mark.skipif(not (REF / "genai_bench_video.json").is_file(), reason="reference benchmarks not present")
+def test_runner_real_genai_bench_video_slice(tmp_path, counted, one_thread):
+    raw = json.loads((REF / "genai_bench_video.json").read_text())[:3]
+    root = tmp_path / "media"
+    for i, it in enumerate(raw):  # synthetic videos at the paths the benchmark references
+        for j, k in enumerate(("video_left", "video_right")):
+            p = root / it[k]
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(mp4_bytes(8, fps=8.0, size=(56, 56), seed=37 * i + 11 * j))
+    out = tmp_path / "res"
+    argv = video_argv("genai_bench_video", REF / "genai_bench_video.json", root, out)
+    check_video_run(argv, out, counted, [str(it["id"]) for it in raw], [it["vote_type"] for it in raw])
+    r = json.loads((out / "results.json").read_text())
+    assert r["benchmark"] == "genai_bench_video"
+
+
+def test_runner_videogen_rewardbench_jsonl(tmp_path, counted, one_thread):
+    rows = [{"prompt": "a cat surfing", "path_A": "a/0.mp4", "path_B": "b/0.mp4", "Overall": "A"},
+            {"prompt": "a dog on the moon", "path_A": "a/1.mp4", "path_B": "b/1.mp4", "Overall": "B"},
+            {"prompt": "rain over a city", "path_A": "a/2.mp4", "path_B": "b/2.mp4", "Overall": "same"}]
+    root = tmp_path / "media"
+    for i, row in enumerate(rows):
+        for j, k in enumerate(("path_A", "path_B")):
+            p = root / row[k]
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(mp4_bytes(8, fps=8.0, size=(56, 56), seed=37 * i + 11 * j))
+    bench = tmp_path / "videogen.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "res"
+    argv = video_argv("videogen_rewardbench", bench, root, out)
+    check_video_run(argv, out, counted, [f"videogen-{i:07d}" for i in range(3)], [r["Overall"] for r in rows])
+    r = json.loads((out / "results.json").read_text())
+    assert r["benchmark"] == "videogen_rewardbench"
+    assert r["by_vote"]["same"]["n"] == 2
