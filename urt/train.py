@@ -233,7 +233,8 @@ def run_sft(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
 
 
 # Stage name (cfg.stage.name) -> runner. Other stages register theirs here.
-STAGES = {"sft": run_sft}
+from urt.stages.grpo import run_grpo  # noqa: E402
+STAGES = {"sft": run_sft, "grpo": run_grpo}
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:

@@ -1,0 +1,355 @@
+"""GRPO stage (urt.stages.grpo): a step runs end to end and writes its rollout table; the advantages of
+known rewards are group_advantages' exactly; packed log-probs equal padded ones; beta=0 builds no
+reference model; a stopped-and-resumed run repeats the uninterrupted one; the paper experiment runs with
+the tiny model swapped in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from data_fixtures import vqa_image
+from urt.data.schema import Sample
+from urt.data.shards import write_shards
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+COLUMNS = {"step", "prompt_key", "group", "sample", "task", "label", "prompt", "completion", "reward_format",
+           "reward_accuracy", "reward", "advantage", "completion_length"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def exp(name: str) -> str:
+    defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+    groups = {next(iter(d)).split(" ")[-1] for d in defaults if isinstance(d, dict)}
+    return f"experiment={name}" if "experiment" in groups else f"+experiment={name}"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """6 image-generation prompts (labels 1/2, no CoTs: GRPO needs none), 2 shards with index.json."""
+    d = tmp_path_factory.mktemp("grpo_shards")
+    out = [Sample(f"ig-{j}", "image_generation", 1 + j % 2, [vqa_image(2 * j + 1), vqa_image(2 * j + 2)],
+                  caption=f"picture {j}", source="fixture") for j in range(6)]
+    write_shards(out, d, maxcount=3)
+    return str(d)
+
+
+def _cfg(tmp_path, shards, *overrides, steps=1):
+    from urt.config import compose_config
+
+    base = ["stage=grpo", "trainer=cpu", "logger=csv", "model=tiny_qwen2_5_vl", f"paths.root={tmp_path}",
+            f"data.train_shards={shards}", "data.val_shards=null", "data.num_workers=0", "data.batch_size=2",
+            "data.max_length=4096", "data.min_pixels=null", "data.max_pixels=12544", "data.shuffle_buffer=4",
+            "data.on_error=raise", "data.order=random", f"trainer.max_steps={steps}", "stage.num_generations=3",
+            "stage.max_new_tokens=8", "stage.micro_batch_size=4", "stage.checkpoint.every_n_steps=1",
+            "optimizer.lr=1e-3", "scheduler=constant"]
+    return compose_config(base + list(overrides))
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+        self.module = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.module = pl_module
+        self.losses[pl_module.rollout_step] = float(outputs["loss"])
+
+
+def _rollouts(run: Path, step: int):
+    return pq.read_table(run / "rollouts" / f"step-{step:06d}.parquet").to_pydict()
+
+
+def test_one_step_end_to_end(tmp_path, shards):
+    import csv
+
+    from urt.train import train
+
+    cfg = _cfg(tmp_path, shards, "stage.beta=0.04", "stage.run_name=e2e")
+    rec = Recorder()
+    hf = train(cfg, callbacks=[rec])
+    run = Path(cfg.stage.run_dir)
+    assert (hf / "config.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert rec.module.ref_model is not None  # beta != 0: a frozen reference copy
+    assert not any(k.startswith("ref_model") for k in rec.module.state_dict())  # never checkpointed
+    df = _rollouts(run, 1)
+    assert len(df["step"]) == 2 * 3 and COLUMNS <= set(df)
+    assert set(df["step"]) == {1} and sorted(df["sample"]) == [0, 0, 1, 1, 2, 2]
+    assert all("picture" in p and "image_pad" not in p for p in df["prompt"])
+    assert all(1 <= n <= 8 for n in df["completion_length"])
+    assert df["reward"] == [f + a for f, a in zip(df["reward_format"], df["reward_accuracy"])]
+    with open(next(run.glob("csv/**/metrics.csv"))) as f:
+        columns = set(csv.DictReader(f).fieldnames)
+    for k in ("completion_length", "rewards/format", "rewards/accuracy", "reward", "reward_std", "kl",
+              "all_wrong", "all_correct", "clip_fraction", "entropy", "tokens_per_s", "loss"):
+        assert f"train/{k}" in columns, k
+    for k in ("generate", "score", "update"):
+        assert f"time/{k}" in columns
+
+
+def test_canned_completions_give_exact_advantages(tmp_path, shards, monkeypatch):
+    """beta=0: no reference model; the parquet's rewards/advantages are group_advantages of the known
+    rewards; the step's loss equals policy_loss recomputed (paper: -mean advantage at ratio 1)."""
+    import urt.generation
+    from urt.prompts import answer_string
+    from urt.rl.objective import group_advantages
+    from urt.train import train
+
+    def canned(bundle, prompts, cfg, **kw):
+        out = []
+        for p in prompts:
+            ans = answer_string(p.task, int(p.label))
+            out.append([f"<think>ok</think><answer>{ans}</answer>", "<think>ok</think><answer>nope</answer>",
+                        "no format", f"<think>x</think> <answer>{ans}</answer> trailing"][: cfg.num_return_sequences])
+        return out
+
+    monkeypatch.setattr(urt.generation, "generate", canned)
+    cfg = _cfg(tmp_path, shards, "stage.beta=0", "stage.num_generations=4", "stage.run_name=canned",
+               "stage.advantage=paper")
+    rec = Recorder()
+    train(cfg, callbacks=[rec])
+    assert rec.module.ref_model is None
+    df = _rollouts(Path(cfg.stage.run_dir), 1)
+    assert df["reward"] == [2.0, 1.0, 0.0, 2.0] * 2
+    expect = group_advantages(torch.tensor(df["reward"]), 4, "paper")
+    assert torch.equal(torch.tensor(df["advantage"], dtype=torch.float32), expect)
+    # beta=0, one update: per-token loss -A, paper aggregation -> -mean over sequences of A
+    assert rec.losses[1] == pytest.approx(float(-expect.mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_packed_logprobs_equal_padded(family):
+    """Packed (padding-free, per-sequence mRoPE positions) and right-padded log-prob passes agree."""
+    from urt.data.collate import make_collator
+    from urt.data.encode import SampleEncoder
+    from urt.models import load_model
+    from urt.stages.grpo import completion_sequence, sequence_logprobs
+
+    torch.manual_seed(0)
+    bundle = load_model("tiny", family=family)
+    enc = SampleEncoder(bundle.processor, family, mode="prompt")
+    prompts = [enc(Sample(f"s{j}", "image_generation", 1, [vqa_image(j), vqa_image(j + 1)], caption=f"cap {j}",
+                          source="x")) for j in range(2)]
+    seqs = [completion_sequence(prompts[i // 2], torch.randint(10, 400, (3 + 2 * i,)).tolist(), i % 2)
+            for i in range(4)]
+    model = bundle.model.eval()
+    assert type(make_collator("packed", bundle)).__name__ == "PackedCollator"
+    with torch.no_grad():
+        packed, ent = sequence_logprobs(model, make_collator("packed", bundle), seqs, entropy=True)
+        padded, _ = sequence_logprobs(model, make_collator("padded", bundle), seqs)
+    assert [len(x) for x in packed] == [3, 5, 7, 9] and all(len(e) == len(x) for e, x in zip(ent, packed))
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _vowel_reward(completion, solution=None, **kwargs):
+    """A dense test reward (share of vowels): a random tiny model scores 0 on the paper's rewards, so
+    every advantage, gradient and KL would be 0 and a resume test would compare nothing."""
+    return sum(c in "aeiou" for c in completion) / max(1, len(completion))
+
+
+def _with_weights(cfg, weights):
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.reward = {"weights": weights}
+    return cfg
+
+
+def test_resume_is_exact(tmp_path, shards):
+    """3 steps straight == 1 step, stop, resume for 2 (losses, KL, completions, rewards, per step)."""
+    import csv
+
+    from urt.rewards import register_reward
+    from urt.train import train
+
+    register_reward("test_vowels", override=True)(_vowel_reward)
+    w = {"test_vowels": 1.0}
+    straight = Recorder()
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.run_name=straight", steps=3), w)
+    train(cfg, callbacks=[straight])
+    first, second = Recorder(), Recorder()
+    train(_with_weights(_cfg(tmp_path, shards, "stage.run_name=resumed", steps=1), w), callbacks=[first])
+    cfg2 = _with_weights(_cfg(tmp_path, shards, "stage.run_name=resumed", steps=3), w)
+    train(cfg2, callbacks=[second])
+    assert sorted(straight.losses) == [1, 2, 3] and sorted(first.losses) == [1] and sorted(second.losses) == [2, 3]
+    resumed = {**first.losses, **second.losses}
+    for k in (1, 2, 3):
+        assert resumed[k] == pytest.approx(straight.losses[k], abs=1e-7), k
+        a, b = _rollouts(Path(cfg.stage.run_dir), k), _rollouts(Path(cfg2.stage.run_dir), k)
+        assert a["completion"] == b["completion"] and a["prompt_key"] == b["prompt_key"]
+        assert a["reward"] == b["reward"] and a["advantage"] == b["advantage"]
+    # not a trivial comparison: the advantages are non-zero and the policy moved away from the reference
+    assert any(abs(x) > 0.1 for x in _rollouts(Path(cfg.stage.run_dir), 1)["advantage"])
+    with open(next(Path(cfg.stage.run_dir).glob("csv/**/metrics.csv"))) as f:
+        kl = [float(r["train/kl"]) for r in csv.DictReader(f) if r.get("train/kl")]
+    assert len(kl) == 3 and kl[0] == 0 and kl[2] > 0
+    assert straight.losses[3] != 0
+
+
+TINY = {"qwen2_5_vl_7b": ("tiny_qwen2_5_vl", "qwen2_5_vl"), "llava_ov_7b": ("tiny_llava_onevision", "llava_onevision")}
+
+
+def test_every_grpo_experiment_is_covered():
+    shipped = sorted(p.parent.name for p in (CONF / "experiment").rglob("grpo.yaml"))
+    assert shipped == sorted(TINY)
+
+
+def test_paper_experiment_runs_with_tiny_model(tmp_path, shards):
+    from urt.config import compose_config
+    from urt.train import train
+
+    paper = compose_config([exp("paper/qwen2_5_vl_7b/grpo")])
+    st = paper.stage
+    assert (st.name, st.num_generations, st.beta, st.kl_estimator, st.temperature, st.top_p) == \
+        ("grpo", 8, 0.04, "k3", 1.0, 0.95)
+    assert (st.max_new_tokens, st.num_iterations, st.advantage, st.aggregation) == (4096, 1, "paper", "paper")
+    assert (st.epsilon_low, st.epsilon_high, st.filter_zero_variance) == (0.2, 0.2, False)
+    assert paper.optimizer.lr == 1e-6 and paper.data.mode == "prompt"
+    assert paper.model.name_or_path.endswith("rejection_sampling_qwen2_5_vl_7b/hf/final")
+    assert str(paper.data.train_shards).endswith("rejection_sampling/qwen2_5_vl/grpo")
+    llava = compose_config([exp("paper/llava_ov_7b/grpo")]).stage
+    assert (llava.max_new_tokens, llava.top_p) == (2048, 1.0)
+
+    cfg = _cfg(tmp_path, shards, exp("paper/qwen2_5_vl_7b/grpo"), "model=tiny_qwen2_5_vl", "trainer=cpu",
+               "stage.num_generations=2", "stage.max_new_tokens=8", "data.batch_size=2", "stage.micro_batch_size=4",
+               "scheduler=constant", steps=2)
+    start = Path(cfg.model.name_or_path)  # the stage-2 HF folder: here a saved tiny model
+    assert start == tmp_path / "runs" / "rejection_sampling_qwen2_5_vl_7b" / "hf" / "final"
+    from urt.models import load_model, save_pretrained
+
+    save_pretrained(load_model("tiny", family="qwen2_5_vl"), start)
+    rec = Recorder()
+    hf = train(cfg, callbacks=[rec])
+    assert (hf / "config.json").is_file() and sorted(rec.losses) == [1, 2]
+    assert rec.module.ref_model is not None and rec.module.G == 2
+    assert len(_rollouts(Path(cfg.stage.run_dir), 2)["completion"]) == 4
+
+
+class GradCapture(Callback):
+    """The prompts of the first batch and the gradients the first optimizer step applies."""
+
+    def __init__(self):
+        self.prompts, self.grads = None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.prompts is None:
+            self.prompts = list(batch["prompts"])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()
+                          if p.requires_grad and p.grad is not None}
+
+
+def test_step_gradient_equals_policy_loss_recomputed(tmp_path, shards, monkeypatch):
+    """The gradient of a training step (canned completions, beta=0, no clipping) equals the gradient of
+    policy_loss over log-probs recomputed naively (full logits, right padding) from the same weights."""
+    import urt.generation
+    from urt.data.collate import make_collator, model_inputs
+    from urt.generation import stop_token_ids
+    from urt.models import load_model
+    from urt.prompts import answer_string
+    from urt.rewards import score
+    from urt.rl.objective import completion_mask, group_advantages, policy_loss
+    from urt.stages.grpo import completion_ids, completion_sequence
+    from urt.train import train
+
+    def canned(bundle, prompts, cfg, **kw):
+        return [[f"<think>a</think><answer>{answer_string(p.task, int(p.label))}</answer>", "<think>b</think>",
+                 "plain words here"][: cfg.num_return_sequences] for p in prompts]
+
+    monkeypatch.setattr(urt.generation, "generate", canned)
+    cfg = _cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=grad", "stage.max_grad_norm=null",
+               "stage.micro_batch_size=2")  # 6 sequences in 3 accumulated micro-batches
+    cap = GradCapture()
+    train(cfg, callbacks=[cap])
+
+    bundle = load_model("tiny", family="qwen2_5_vl")  # the same starting weights
+    texts = [t for g in canned(bundle, cap.prompts, urt.generation.GenerationConfig(num_return_sequences=3))
+             for t in g]
+    eos = stop_token_ids(bundle)[0]
+    ids = [completion_ids(bundle.tokenizer, t, "", eos, 8) for t in texts]
+    seqs = [completion_sequence(cap.prompts[i // 3], ids[i], i % 3) for i in range(6)]
+    adv = group_advantages(torch.tensor(score(texts, [answer_string(cap.prompts[i // 3].task,
+                                                                     int(cap.prompts[i // 3].label))
+                                                       for i in range(6)])["reward"]), 3, "paper")
+    batch = make_collator("padded", bundle)(seqs)
+    logits = bundle.model(**model_inputs(batch), use_cache=False).logits.float()
+    logp, mask = torch.zeros(6, 8), torch.zeros(6, 8)
+    for i, s in enumerate(seqs):
+        n, c = s.prompt_length, len(ids[i])
+        lp = logits[i, n - 1:n - 1 + c].log_softmax(-1).gather(-1, torch.tensor(ids[i])[:, None]).squeeze(-1)
+        logp[i, :c] = lp
+        mask[i, :c] = completion_mask(torch.tensor(ids[i])[None], eos)[0]
+    loss, _ = policy_loss(logp, adv, mask, beta=0.0)
+    bundle.model.zero_grad()
+    loss.backward()
+    assert cap.grads
+    for name, p in bundle.model.named_parameters():
+        if name in cap.grads:
+            torch.testing.assert_close(cap.grads[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", [
+    ["stage.num_iterations=2", "stage.num_mini_batches=2", "stage.filter_zero_variance=true",
+     "stage.aggregation=token", "stage.epsilon_high=0.28", "stage.micro_batch_size=2"],
+    ["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.beta=0.04", "stage.collate=padded",
+     "stage.aggregation=dr_grpo", "stage.advantage=none"],
+], ids=["mu2_minibatches_filter_token", "lora_reference_padded_drgrpo"])
+def test_variants_run(tmp_path, shards, variant, monkeypatch):
+    """Canned completions: the first prompt's group has distinct rewards, the second's are all 0 (zero
+    variance: dropped when the filter is on)."""
+    import csv
+
+    import urt.generation
+    from urt.prompts import answer_string
+    from urt.train import train
+
+    def canned(bundle, prompts, cfg, **kw):
+        good = [f"<think>a</think><answer>{answer_string(p.task, int(p.label))}</answer>" for p in prompts]
+        return [[good[0], "<think>b</think><answer>x</answer>", "none"]] + [["none"] * 3 for _ in prompts[1:]]
+
+    monkeypatch.setattr(urt.generation, "generate", canned)
+    cfg = _cfg(tmp_path, shards, "stage.run_name=variant", *variant)
+    rec = Recorder()
+    train(cfg, callbacks=[rec])
+    lora = any("lora" in v for v in variant)
+    if lora:
+        assert rec.module.ref_model is None  # LoRA: the base with adapters disabled is the reference
+    assert rec.losses[1] == rec.losses[1]  # an update happened (not NaN)
+    with open(next(Path(cfg.stage.run_dir).glob("csv/**/metrics.csv"))) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/clip_fraction"]) >= 0 and float(row["train/kl"]) >= 0  # beta 0.04 (stage default)
+    df = _rollouts(Path(cfg.stage.run_dir), 1)
+    if lora:
+        assert float(row["train/filtered_groups"]) == 0 and all(df["kept"])
+    else:
+        assert float(row["train/filtered_groups"]) == 1 and df["kept"] == [True] * 3 + [False] * 3
+
+
+def test_llava_paper_experiment_runs_with_tiny_model(tmp_path, shards):
+    from urt.models import load_model, save_pretrained
+    from urt.train import train
+
+    model, family = TINY["llava_ov_7b"]
+    cfg = _cfg(tmp_path, shards, exp("paper/llava_ov_7b/grpo"), f"model={model}", "trainer=cpu",
+               "stage.num_generations=2", "stage.max_new_tokens=8", "data.batch_size=2", "stage.micro_batch_size=4",
+               "scheduler=constant", steps=1)
+    save_pretrained(load_model("tiny", family=family), cfg.model.name_or_path)
+    rec = Recorder()
+    hf = train(cfg, callbacks=[rec])
+    assert (hf / "config.json").is_file() and sorted(rec.losses) == [1]
+    assert len(_rollouts(Path(cfg.stage.run_dir), 1)["completion"]) == 4
