@@ -353,3 +353,117 @@ def test_llava_paper_experiment_runs_with_tiny_model(tmp_path, shards):
     hf = train(cfg, callbacks=[rec])
     assert (hf / "config.json").is_file() and sorted(rec.losses) == [1]
     assert len(_rollouts(Path(cfg.stage.run_dir), 1)["completion"]) == 4
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _canned_answers(bundle, prompts, cfg, **kw):
+    """Distinct completions per group: 'aaa' / 'bbb' / 'ccc' ... (one per generation)."""
+    return [[f"<think>{chr(97 + j) * 3}</think><answer>x</answer>" for j in range(cfg.num_return_sequences)]
+            for _ in prompts]
+
+
+def test_nonfinite_reward_stops_with_checkpoint(tmp_path, shards, monkeypatch):
+    import urt.generation
+    from urt.errors import UrtError
+    from urt.rewards import register_reward
+    from urt.train import train
+
+    def nan_on_b(completion, solution=None, **kwargs):
+        return float("nan") if "bbb" in completion else 1.0
+
+    register_reward("test_nan_on_b", override=True)(nan_on_b)
+    monkeypatch.setattr(urt.generation, "generate", _canned_answers)
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=nanreward"), {"test_nan_on_b": 1.0})
+    seen = Recorder()
+    with pytest.raises(UrtError, match=r"step 1\b.*'test_nan_on_b'.*#1'") as err:
+        train(cfg, callbacks=[seen])
+    assert not seen.losses  # stopped before any update
+    msg = str(err.value)
+    assert "non-finite" in msg and "ig-" in msg
+    ckpts = list((Path(cfg.stage.run_dir) / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["failed-step-000001.ckpt"] and str(ckpts[0]) in msg
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    assert "state_dict" in state and state["urt"]["rollout_step"] == 0
+
+
+def test_nonfinite_loss_stops_with_checkpoint(tmp_path, shards, monkeypatch):
+    import urt.generation
+    import urt.stages.grpo as grpo
+    from urt.errors import UrtError
+    from urt.rewards import register_reward
+    from urt.train import train
+
+    register_reward("test_vowels", override=True)(_vowel_reward)
+    monkeypatch.setattr(urt.generation, "generate", _canned_answers)
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (lambda l, m: (l * float("inf"), m))(*real(*a, **k)))
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=nanloss"), {"test_vowels": 1.0})
+    with pytest.raises(UrtError, match=r"step 1\b.*loss is non-finite"):
+        train(cfg)
+    assert (Path(cfg.stage.run_dir) / "checkpoints" / "failed-step-000001.ckpt").is_file()
+
+
+def test_raising_reward_names_reward_and_sample(tmp_path, shards, monkeypatch):
+    import urt.generation
+    from urt.errors import UrtError
+    from urt.rewards import register_reward
+    from urt.train import train
+
+    def boom_on_c(completion, solution=None, **kwargs):
+        if "ccc" in completion:
+            raise ValueError("cannot parse ccc")
+        return 0.5
+
+    register_reward("test_boom", override=True)(boom_on_c)
+    monkeypatch.setattr(urt.generation, "generate", _canned_answers)
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=boom"), {"test_boom": 1.0})
+    with pytest.raises(UrtError, match=r"'test_boom'.*'ig-\d+#2'.*cannot parse ccc") as err:
+        train(cfg)
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_short_group_uses_valid_completions(tmp_path, shards, monkeypatch):
+    """Group 0 gets 2 of 3 completions (advantages over those 2), group 1 just 1 (skipped): both counted
+    in train/short_groups; the update still runs on group 0."""
+    import csv
+
+    import urt.generation
+    from urt.rewards import register_reward
+    from urt.rl.objective import group_advantages
+    from urt.train import train
+
+    register_reward("test_vowels", override=True)(_vowel_reward)
+
+    def short(bundle, prompts, cfg, **kw):
+        full = _canned_answers(bundle, prompts, cfg)
+        return [full[0][:2]] + [g[:1] for g in full[1:]]
+
+    monkeypatch.setattr(urt.generation, "generate", short)
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=short"), {"test_vowels": 1.0})
+    rec = Recorder()
+    train(cfg, callbacks=[rec])
+    assert rec.losses[1] == rec.losses[1]  # an update happened (not NaN)
+    df = _rollouts(Path(cfg.stage.run_dir), 1)
+    assert df["sample"] == [0, 1, 0] and df["kept"] == [True, True, False]
+    expect = group_advantages(torch.tensor(df["reward"][:2]), 2, "paper")
+    assert torch.equal(torch.tensor(df["advantage"][:2], dtype=torch.float32), expect) and df["advantage"][2] == 0
+    with open(next(Path(cfg.stage.run_dir).glob("csv/**/metrics.csv"))) as f:
+        row = next(csv.DictReader(f))
+    assert float(row["train/short_groups"]) == 2 and float(row["train/skipped_groups"]) == 1
+
+
+def test_grouped_advantages_over_valid_slots():
+    from urt.rl.objective import group_advantages
+    from urt.stages.grpo import grouped_advantages
+
+    r = torch.tensor([1.0, 0.0, 2.0, 5.0, 3.0, 0.0])
+    full, zv, ok = grouped_advantages(r, torch.ones(6, dtype=torch.bool), 3, "paper")
+    assert torch.equal(full, group_advantages(r, 3, "paper")) and ok.all() and not zv.any()
+    valid = torch.tensor([True, False, True, True, True, True])
+    for mode in ("paper", "none", "batch"):
+        adv, zv, ok = grouped_advantages(r, valid, 3, mode)
+        assert adv[1] == 0 and ok.all()
+        if mode != "batch":
+            assert torch.allclose(adv[[0, 2]], group_advantages(torch.tensor([1.0, 2.0]), 2, mode))
+    adv, zv, ok = grouped_advantages(r, torch.tensor([True, False, False, True, True, True]), 3, "paper")
+    assert ok.tolist() == [False, True] and adv[:3].eq(0).all()

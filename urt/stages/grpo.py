@@ -11,6 +11,14 @@ One training step (`GRPOModule.training_step`), readable top to bottom:
         gradient clipping, scheduler step
       → metrics + one parquet of every rollout under run_dir/rollouts/step-NNNNNN.parquet
 
+**Bad input.** A non-finite reward (any weighted reward or their sum) or a non-finite micro-batch loss
+(checked before its backward, so no optimizer step applies it) stops the run: the Lightning state is saved
+as `checkpoints/failed-step-NNNNNN.ckpt` and a UrtError names the step and the reward and sample key (or
+the micro-batch's samples). A reward function that raises is a UrtError naming the reward and the sample
+key (the original chained as `__cause__`). A group left with fewer than G valid completions (generate
+returned fewer strings, or one cannot be tokenised) gets its advantages over the valid ones only, or is
+skipped when fewer than 2 remain; counted in `train/short_groups` (and `train/skipped_groups`).
+
 **Completion tokens.** `urt.generation.generate` returns text (special tokens skipped, the assistant
 prefix prepended). The completion ids are that text (minus the prefix) re-tokenised with special tokens
 split (so a literal "<|image_pad|>" in the text can never become a vision placeholder, DEMO-NOTES
@@ -52,7 +60,8 @@ from omegaconf import DictConfig, OmegaConf
 from urt.data.collate import make_collator, model_inputs
 from urt.data.encode import IGNORE_INDEX, Encoded
 from urt.errors import UrtError
-from urt.rl.objective import completion_mask, group_advantages, policy_loss, zero_variance_groups
+from urt.rl.objective import (PAPER_STD_EPS, completion_mask, group_advantages, policy_loss,
+                                zero_variance_groups)
 from urt.stages.sft import _forward_takes, _num_batches, supervised_mask
 
 log = logging.getLogger(__name__)
@@ -96,6 +105,35 @@ def completion_sequence(prompt: Encoded, ids: Sequence[int], index: int) -> Enco
         visual=prompt.visual,
         mm_token_type_ids=None if mm is None else torch.cat([mm, torch.zeros(len(comp), dtype=torch.long)]),
         prompt_length=n, meta=prompt.meta)
+
+
+def grouped_advantages(rewards: torch.Tensor, valid: torch.Tensor, G: int, mode: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, zero-variance groups, usable groups) of rewards laid out G slots per group, over each
+    group's valid slots only: a full batch is `group_advantages` exactly; a group with < 2 valid
+    completions is not usable (no spread: its slots get advantage 0 and are skipped)."""
+    rewards = rewards.float()
+    if bool(valid.all()):
+        return (group_advantages(rewards, G, mode), zero_variance_groups(rewards, G),
+                torch.ones(rewards.numel() // G, dtype=torch.bool))
+    r, v = rewards.view(-1, G), valid.view(-1, G)
+    usable = v.sum(dim=1) >= 2
+    adv = torch.zeros_like(r)
+    zero_var = torch.zeros(r.shape[0], dtype=torch.bool)
+    centred = []
+    for g in usable.nonzero().flatten().tolist():
+        rg = r[g][v[g]]
+        zero_var[g] = bool(zero_variance_groups(rg, len(rg))[0])
+        if mode == "batch":  # std of the centred values over the whole batch (below)
+            centred.append((g, group_advantages(rg, len(rg), "none")))
+        else:
+            adv[g, v[g]] = group_advantages(rg, len(rg), mode)
+    if centred:
+        flat = torch.cat([c for _, c in centred])
+        std = flat.std() if flat.numel() > 1 else torch.zeros(())
+        for g, c in centred:
+            adv[g, v[g]] = c / (std + PAPER_STD_EPS)
+    return adv.flatten(), zero_var, usable
 
 
 def pad_rows(rows: Sequence[torch.Tensor], value: float = 0.0) -> torch.Tensor:
@@ -202,33 +240,54 @@ class GRPOModule(L.LightningModule):
     # -------------------------------------------------------------------------------------- step
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         from urt.generation import GenerationConfig, generate
-        from urt.prompts import answer_string
-        from urt.rewards import score
 
         prompts: list[Encoded] = batch["prompts"]
         G, step = self.G, self.rollout_step + 1
+        self._step_in_progress = step
         t0 = time.perf_counter()
 
-        # 1. rollouts: G completions per prompt, laid out group by group (sample i is in group i // G)
+        # 1. rollouts: G completion slots per prompt, laid out group by group (slot i is in group i // G);
+        #    a slot is valid when generate returned a string for it and that string tokenises
         gen = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                num_return_sequences=G, batch_size=self.generation_batch_size,
                                seed=generation_seed(self.seed, step, self.global_rank))
-        texts = [t for group in generate(self.bundle, prompts, gen) for t in group]
+        groups = list(generate(self.bundle, prompts, gen))
+        if len(groups) != len(prompts):
+            raise UrtError(f"GRPO step {step}: generate returned {len(groups)} groups for {len(prompts)} prompts")
+        texts: list[str | None] = []
+        for p, group in zip(prompts, groups):
+            group = list(group)
+            if len(group) > G:
+                raise UrtError(f"GRPO step {step}: generate returned {len(group)} completions for prompt "
+                               f"{p.key!r}, more than num_generations={G}")
+            texts += [t if isinstance(t, str) else None for t in group] + [None] * (G - len(group))
         t1 = time.perf_counter()
 
-        # 2. rewards and group advantages (optionally dropping groups whose rewards are all equal)
-        solutions = [answer_string(prompts[i // G].task, int(prompts[i // G].label)) for i in range(len(texts))]
-        scores = score(texts, solutions, self.reward_weights)
+        # 2. completion ids (the loss mask ends at the first EOS); a completion that cannot be encoded is invalid
+        ids: list[list[int]] = []
+        for i, t in enumerate(texts):
+            c = None
+            if t is not None:
+                try:
+                    c = completion_ids(self.bundle.tokenizer, t, prompts[i // G].meta.get("assistant_prefix") or "",
+                                       self.eos_id, self.max_new_tokens)
+                except Exception as e:  # noqa: BLE001 - one bad completion must not stop the run
+                    log.warning("GRPO step %d: completion %s#%d cannot be encoded (%s); left out of its group",
+                                step, prompts[i // G].key, i % G, e)
+            if t is not None and not c:
+                texts[i] = None
+            ids.append(list(c) if c else [])
+        valid = torch.tensor([t is not None for t in texts], dtype=torch.bool)
+
+        # 3. rewards (non-finite ones stop the run) and group advantages over each group's valid completions
+        scores = self._score(prompts, texts, valid, step)
         rewards = torch.tensor(scores["reward"], dtype=torch.float32)
-        advantages = group_advantages(rewards, G, self.advantage)
-        zero_var = zero_variance_groups(rewards, G)
-        keep = ~zero_var.repeat_interleave(G) if self.filter_zero_variance else torch.ones(len(texts), dtype=torch.bool)
+        advantages, zero_var, usable = grouped_advantages(rewards, valid, G, self.advantage)
+        group_keep = usable & ~zero_var if self.filter_zero_variance else usable
+        keep = valid & group_keep.repeat_interleave(G)
         t2 = time.perf_counter()
 
-        # 3. sequences: prompt ids + completion ids (the loss mask ends at the first EOS)
-        ids = [completion_ids(self.bundle.tokenizer, t, prompts[i // G].meta.get("assistant_prefix") or "",
-                              self.eos_id, self.max_new_tokens) for i, t in enumerate(texts)]
-        seqs = [completion_sequence(prompts[i // G], ids[i], i % G) for i in range(len(texts))]
+        seqs = [completion_sequence(prompts[i // G], ids[i], i % G) if valid[i] else None for i in range(len(texts))]
         idx = keep.nonzero().flatten().tolist()
 
         # 4. old (μ > 1) and reference (β ≠ 0) log-probs, then μ × num_mini_batches optimizer steps
@@ -245,32 +304,119 @@ class GRPOModule(L.LightningModule):
 
         # 5. metrics and the rollout table
         loss = torch.tensor(sum(losses) / len(losses) if losses else float("nan"))
-        metrics = self._metrics(prompts, ids, scores, rewards, zero_var, stats, times=(t0, t1, t2, t3))
+        metrics = self._metrics(prompts, ids, scores, rewards, valid, zero_var, usable, stats, times=(t0, t1, t2, t3))
         if losses:  # (every group filtered out: no update, no loss)
             metrics["train/loss"] = loss
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(prompts))
-        self._write_rollouts(step, prompts, texts, ids, scores, advantages, keep)
+        self._write_rollouts(step, prompts, texts, ids, scores, advantages, keep, valid)
         return {"loss": loss}
 
-    def _metrics(self, prompts, ids, scores, rewards, zero_var, stats, times) -> dict[str, float]:
+    def _score(self, prompts, texts, valid, step) -> dict[str, list[float]]:
+        """`urt.rewards.score` of the valid completions, spread back over every slot (0 where invalid). A
+        reward function that raises, or a non-finite reward, is a UrtError naming the reward and sample."""
+        from urt.prompts import answer_string
+        from urt.rewards import get_reward, score
+
+        G = self.G
+        at = valid.nonzero().flatten().tolist()
+        comps = [texts[i] for i in at]
+        sols = [answer_string(prompts[i // G].task, int(prompts[i // G].label)) for i in at]
+        key = lambda i: f"{prompts[i // G].key}#{i % G}"  # noqa: E731 - the sample key (as in the sequences)
+        try:
+            got = score(comps, sols, self.reward_weights)
+        except UrtError:
+            raise
+        except Exception as e:
+            # find the reward and the sample that raise (the rewards are cheap, pure functions)
+            from urt.rewards import DEFAULT_WEIGHTS
+
+            for name in (self.reward_weights or DEFAULT_WEIGHTS):
+                fn = get_reward(name)
+                for i, c, s in zip(at, comps, sols):
+                    try:
+                        fn(c, s)
+                    except Exception as inner:
+                        raise UrtError(f"GRPO step {step}: reward {name!r} raised on sample {key(i)!r}: "
+                                       f"{type(inner).__name__}: {inner}") from inner
+            raise UrtError(f"GRPO step {step}: scoring the completions failed: {type(e).__name__}: {e}") from e
+        bad = next(((name, i) for name, vals in got.items() if name.startswith("rewards/")
+                    for i, v in zip(at, vals) if not math.isfinite(v)), None)
+        if bad is None:
+            bad = next((("reward", i) for i, v in zip(at, got["reward"]) if not math.isfinite(v)), None)
+        if self._any_rank(bad is not None):
+            if bad is None:
+                self._fail(step, "a non-finite reward on another rank")
+            name, i = bad
+            which = f"reward {name.split('/', 1)[-1]!r}" if name != "reward" else "the weighted reward"
+            self._fail(step, f"{which} is non-finite on sample {key(i)!r}")
+        out: dict[str, list[float]] = {}
+        for name, vals in got.items():
+            full = [0.0] * len(texts)
+            for i, v in zip(at, vals):
+                full[i] = float(v)
+            out[name] = full
+        return out
+
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` or'ed over the data-parallel ranks (so every rank stops together)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return bool(t.item() > 0)
+        return bool(flag)
+
+    def _fail(self, step: int, what: str):
+        """Save the Lightning state under the run's checkpoints folder, then raise a UrtError."""
+        tr = self._trainer
+        where = "no checkpoint saved (no trainer)"
+        if tr is not None:
+            cb = tr.checkpoint_callback
+            folder = Path(cb.dirpath) if cb is not None and getattr(cb, "dirpath", None) else \
+                Path(tr.default_root_dir) / "checkpoints"
+            path = folder / f"failed-step-{step:06d}.ckpt"
+            try:
+                tr.save_checkpoint(str(path))
+                where = f"Lightning state saved to {path}"
+            except Exception as e:  # noqa: BLE001 - report the original problem, not the save failure
+                where = f"saving a checkpoint to {path} failed too ({type(e).__name__}: {e})"
+        raise UrtError(f"GRPO step {step}: {what}; run stopped, {where}")
+
+    def _metrics(self, prompts, ids, scores, rewards, valid, zero_var, usable, stats, times) -> dict[str, float]:
         t0, t1, t2, t3 = times
         G = self.G
-        grouped = rewards.view(-1, G)
-        lengths = torch.tensor([float(len(x)) for x in ids])
-        tokens = float(lengths.sum()) + G * sum(len(p) for p in prompts)  # every (prompt + completion) token
+        vg = valid.view(-1, G)
+        n_valid = vg.sum(dim=1)
+        lengths = torch.tensor([float(len(x)) for x, v in zip(ids, valid) if v])
+        tokens = float(lengths.sum()) + sum(int(n) * len(p) for n, p in zip(n_valid, prompts))
+        if bool(valid.all()):
+            grouped = rewards.view(-1, G)
+            reward_std = float(grouped.std(dim=1).mean())
+            all_wrong = float((grouped <= 1).all(dim=1).float().mean())
+            all_correct = float((grouped >= self._max_reward()).all(dim=1).float().mean())
+        else:  # over each group's valid completions (groups without any left out)
+            rs = [rewards.view(-1, G)[g][vg[g]] for g in range(vg.shape[0]) if n_valid[g] > 0]
+            stds = [float(r.std()) for r in rs if len(r) > 1]
+            reward_std = sum(stds) / len(stds) if stds else 0.0
+            all_wrong = sum(float((r <= 1).all()) for r in rs) / max(1, len(rs))
+            all_correct = sum(float((r >= self._max_reward()).all()) for r in rs) / max(1, len(rs))
+        nv = max(1, int(valid.sum()))
         out = {
-            "train/completion_length": float(lengths.mean()),
-            "train/reward": float(rewards.mean()),
-            "train/reward_std": float(grouped.std(dim=1).mean()),
-            "train/all_wrong": float((grouped <= 1).all(dim=1).float().mean()),
-            "train/all_correct": float((grouped >= self._max_reward()).all(dim=1).float().mean()),
-            "train/zero_variance_groups": float(zero_var.sum()),
-            "train/filtered_groups": float(zero_var.sum()) if self.filter_zero_variance else 0.0,
+            "train/completion_length": float(lengths.mean()) if len(lengths) else 0.0,
+            "train/reward": float(rewards[valid].sum()) / nv,
+            "train/reward_std": reward_std,
+            "train/all_wrong": all_wrong,
+            "train/all_correct": all_correct,
+            "train/zero_variance_groups": float((zero_var & usable).sum()),
+            "train/filtered_groups": float((zero_var & usable).sum()) if self.filter_zero_variance else 0.0,
+            "train/short_groups": float((n_valid < G).sum()),
+            "train/skipped_groups": float((~usable).sum()),
             "train/tokens_per_s": tokens / max(1e-9, t3 - t0),
             "train/lr": float(self.optimizers().param_groups[0]["lr"]),
             "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
         }
-        out.update({f"train/{k}": sum(v) / len(v) for k, v in scores.items() if k.startswith("rewards/")})
+        out.update({f"train/{k}": sum(x for x, v in zip(vals, valid) if v) / nv
+                    for k, vals in scores.items() if k.startswith("rewards/")})
         out.update({f"train/{k}": float(torch.stack(v).mean()) for k, v in stats.items() if v})
         return out
 
@@ -293,6 +439,11 @@ class GRPOModule(L.LightningModule):
                 ref_logp=None if ref is None else pad_rows([ref[i] for i in mb]).to(logp.device),
                 beta=self.beta, kl_estimator=self.kl_estimator, aggregation=self.aggregation,
                 eps_low=self.eps_low, eps_high=self.eps_high, max_completion_length=self.max_new_tokens)
+            if self._any_rank(not bool(torch.isfinite(loss.detach()).all())):
+                step = getattr(self, "_step_in_progress", self.rollout_step + 1)
+                keys = ", ".join(repr(seqs[i].key) for i in mb)
+                self._fail(step, f"the loss is non-finite ({float(loss.detach())}) on the micro-batch of samples "
+                                 f"{keys}")
             # exact accumulation: token aggregation weighs by tokens, the others by sequences
             mb_tok = float(mask.sum())
             w = mb_tok / max(1, n_tok) if self.aggregation == "token" else len(mb) / n_seq
@@ -331,7 +482,7 @@ class GRPOModule(L.LightningModule):
 
         return float(sum((self.reward_weights or DEFAULT_WEIGHTS).values()))
 
-    def _write_rollouts(self, step, prompts, texts, ids, scores, advantages, keep) -> None:
+    def _write_rollouts(self, step, prompts, texts, ids, scores, advantages, keep, valid=None) -> None:
         if self.rollout_dir is None:
             return
         import pyarrow as pa
@@ -346,7 +497,7 @@ class GRPOModule(L.LightningModule):
             "group": [i // G for i in range(len(texts))], "sample": [i % G for i in range(len(texts))],
             "task": [prompts[i // G].task for i in range(len(texts))],
             "label": [str(prompts[i // G].label) for i in range(len(texts))],
-            "prompt": [users[i // G] for i in range(len(texts))], "completion": list(texts),
+            "prompt": [users[i // G] for i in range(len(texts))], "completion": [t or "" for t in texts],
         }
         for name, vals in scores.items():
             if name.startswith("rewards/"):
@@ -355,6 +506,9 @@ class GRPOModule(L.LightningModule):
         cols["advantage"] = [float(a) for a in advantages]
         cols["completion_length"] = [len(x) for x in ids]
         cols["kept"] = [bool(k) for k in keep]
+        if valid is not None and not bool(valid.all()):  # slots generate left empty have no row
+            rows_at = [i for i, t in enumerate(texts) if t is not None]
+            cols = {k: [v[i] for i in rows_at] for k, v in cols.items()}
         rows = [cols]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rows = [None] * torch.distributed.get_world_size()
