@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +23,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
                      for p in (CONF / "experiment").rglob("*.yaml"))
 TINY = {"llava_ov_7b": "tiny_llava_onevision", "qwen2_5_vl_7b": "tiny_qwen2_5_vl"}
-# The root defaults lines the SFT stage needs (conf/config.yaml); added to a copy of conf/ when missing.
-SFT_DEFAULTS = ["stage: sft", "trainer: cpu", "optimizer: adamw", "scheduler: cosine", "logger: csv"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,29 +42,6 @@ def _root_groups(conf: Path) -> set[str]:
 def exp(name: str) -> str:
     """`experiment=...` when the root defaults list has an experiment slot, else `+experiment=...`."""
     return f"experiment={name}" if "experiment" in _root_groups(CONF) else f"+experiment={name}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def conf_with_sft_defaults(tmp_path_factory):
-    """The real conf/ tree; if the root config does not list the SFT groups yet, a copy that does
-    (the lines are inserted after `data`, as proposed for conf/config.yaml)."""
-    missing = [x for x in SFT_DEFAULTS if x.split(":")[0] not in _root_groups(CONF)]
-    if not missing:
-        yield CONF
-        return
-    tmp = tmp_path_factory.mktemp("conf") / "conf"
-    shutil.copytree(CONF, tmp)
-    root = yaml.safe_load((CONF / "config.yaml").read_text())
-    at = next(i for i, d in enumerate(root["defaults"]) if isinstance(d, dict) and "data" in d) + 1
-    root["defaults"][at:at] = [yaml.safe_load(x) for x in missing]
-    (tmp / "config.yaml").write_text(yaml.safe_dump(root, sort_keys=False))
-    old = os.environ.get("URT_CONF_DIR")
-    os.environ["URT_CONF_DIR"] = str(tmp)
-    yield tmp
-    if old is None:
-        os.environ.pop("URT_CONF_DIR", None)
-    else:
-        os.environ["URT_CONF_DIR"] = old
 
 
 @pytest.fixture(scope="module")

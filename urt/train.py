@@ -180,6 +180,21 @@ def _accumulation(cfg: DictConfig) -> int | None:
     return int(eff) // per_step
 
 
+def stage_callbacks(cfg: DictConfig, bundle, out: Path, extra: Sequence[Callback] = ()) -> list[Callback]:
+    """The callbacks every training stage runs: Lightning checkpoints for resume (periodic + last.ckpt),
+    plain transformers exports under hf/, any `callbacks:` from the config, then the caller's."""
+    st = cfg.stage
+    ck = st.checkpoint
+    ckpt = ModelCheckpoint(dirpath=str(out / CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
+                           every_n_train_steps=ck.get("every_n_steps") or None, save_top_k=int(ck.get("keep", 1)),
+                           monitor=None, save_last=ck.get("save_last", True), save_on_train_epoch_end=False)
+    cbs: list[Callback] = [ckpt, LastCheckpoint(ckpt),
+                           HFExport(bundle, out / HF_DIR, st.get("hf", {}).get("every_n_steps"))]
+    if cfg.get("callbacks"):
+        cbs += [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    return cbs + list(extra)
+
+
 def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
     """(bundle, datamodule, module, trainer, ckpt_path) for an SFT config; nothing is fitted yet."""
     from urt.models import load_model
@@ -200,15 +215,7 @@ def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
                        selected_logits=st.get("selected_logits", True),
                        gen_eval=OmegaConf.to_container(st.gen_eval, resolve=True) if st.get("gen_eval") else None)
 
-    ck = st.checkpoint
-    ckpt = ModelCheckpoint(dirpath=str(out / CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
-                           every_n_train_steps=ck.get("every_n_steps") or None, save_top_k=int(ck.get("keep", 1)),
-                           monitor=None, save_last=ck.get("save_last", True), save_on_train_epoch_end=False)
-    cbs: list[Callback] = [ckpt, LastCheckpoint(ckpt),
-                           HFExport(bundle, out / HF_DIR, st.get("hf", {}).get("every_n_steps"))]
-    if cfg.get("callbacks"):
-        cbs += [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
-    cbs += list(callbacks)
+    cbs = stage_callbacks(cfg, bundle, out, callbacks)
 
     tkw = {}
     acc = _accumulation(cfg)

@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from urt.data.collate import make_collator, model_inputs
@@ -565,7 +565,7 @@ def build_grpo(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
     from hydra.utils import instantiate
 
     from urt.models import load_model
-    from urt.train import CKPT_DIR, HF_DIR, HFExport, LastCheckpoint, _loggers, resume_path, run_dir
+    from urt.train import _loggers, resume_path, run_dir, stage_callbacks
 
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -589,15 +589,7 @@ def build_grpo(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
         reward_weights=OmegaConf.to_container(weights, resolve=True) if weights else None, seed=int(cfg.seed),
         total_steps=st.get("total_steps"), rollout_dir=out / ROLLOUT_DIR if st.get("rollouts", True) else None)
 
-    ck = st.checkpoint
-    ckpt = ModelCheckpoint(dirpath=str(out / CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
-                           every_n_train_steps=ck.get("every_n_steps") or None, save_top_k=int(ck.get("keep", 1)),
-                           monitor=None, save_last=ck.get("save_last", True), save_on_train_epoch_end=False)
-    cbs: list[Callback] = [ckpt, LastCheckpoint(ckpt),
-                           HFExport(bundle, out / HF_DIR, st.get("hf", {}).get("every_n_steps"))]
-    if cfg.get("callbacks"):
-        cbs += [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
-    cbs += list(callbacks)
+    cbs = stage_callbacks(cfg, bundle, out, callbacks)
     # Manual optimization: clipping (stage.max_grad_norm) and accumulation (micro_batch_size) are ours.
     trainer = instantiate(cfg.trainer, callbacks=cbs, logger=_loggers(cfg, out) or False,
                           default_root_dir=str(out), gradient_clip_val=None, accumulate_grad_batches=1,
