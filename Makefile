@@ -1,10 +1,10 @@
-# Quick start: `make test` (sets up .venv on first use, then runs the tests).
+# Quick start: `make demo` (the whole method on a CPU, ~15 min) and `make test` (sets up .venv on first use).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast clean-venv
+.PHONY: setup test test-fast demo demo-smoke clean-venv
 
 setup: $(STAMP)
 
@@ -21,6 +21,13 @@ test: setup
 # Everything except the end-to-end tests marked slow.
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The whole method on easy-vqa's real images (urt demo): report in runs/demo/report.{json,md,png}.
+demo: setup
+	$(VENV)/bin/urt demo $(ARGS)
+
+demo-smoke: setup
+	$(VENV)/bin/urt demo demo=smoke $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,7 +10,8 @@ from urt.config import compose_config, conf_dir, group_options
 from urt.errors import UrtError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and any(p.rglob("*.yaml")))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra" and any(p.rglob("*.yaml")))
+# conf/hydra holds launcher configs for `urt sweep multirun` (tests/test_sweeps.py composes them)
 
 
 def options(group: str) -> list[str]:

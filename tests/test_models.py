@@ -403,6 +403,15 @@ def test_gradient_checkpointing_trains():
     grads = [p.grad for n, p in bundle.model.named_parameters() if n.startswith("model.language_model.")]
     assert all(g is not None for g in grads)
     assert all(p.grad is None for n, p in bundle.model.named_parameters() if n.startswith("model.visual."))
+    # the frozen vision tower is not part of the backward graph at all (transformers' input-grad hook on its
+    # patch embedding would make every step back-propagate through it)
+    seen = []
+    h = bundle.model.model.visual.patch_embed.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        bundle.model(**enc, labels=enc["input_ids"].clone(), use_cache=False)
+    finally:
+        h.remove()
+    assert seen == [False]
 
 
 # ------------------------------------------------------------------------------------------ LoRA

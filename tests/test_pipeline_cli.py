@@ -43,7 +43,7 @@ def test_distill_cold_start_sample_stage2(tmp_path, monkeypatch, capsys, one_thr
     assert [s.key for s in distilled] == [p.key for p in pairs]
     assert all(parse_output(s.cot, s.task).winner == s.label for s in distilled)
 
-    assert main(["train", "+experiment=paper/qwen2_5_vl_7b/cold_start", "model=tiny_qwen2_5_vl", *train_common,
+    assert main(["train", "experiment=paper/qwen2_5_vl_7b/cold_start", "model=tiny_qwen2_5_vl", *train_common,
                  "trainer.max_steps=100", "trainer.max_epochs=1000", "data.batch_size=4", "optimizer.lr=3e-3",
                  "scheduler=constant"]) == 0
     cold = tmp_path / "runs" / "cold_start_qwen2_5_vl_7b" / "hf" / "final"
@@ -65,7 +65,7 @@ def test_distill_cold_start_sample_stage2(tmp_path, monkeypatch, capsys, one_thr
         assert j.format_ok and j.answer == answer_string(s.task, s.label)
 
     capsys.readouterr()
-    assert main(["train", "+experiment=paper/qwen2_5_vl_7b/rejection_sampling", *train_common,
+    assert main(["train", "experiment=paper/qwen2_5_vl_7b/rejection_sampling", *train_common,
                  "trainer.max_steps=3", "data.batch_size=2"]) == 0
     out = capsys.readouterr().out
     stage2 = tmp_path / "runs" / "rejection_sampling_qwen2_5_vl_7b"

@@ -51,9 +51,53 @@ def final_hf_dir(cfg: DictConfig) -> Path:
     return run_dir(cfg) / HF_DIR / FINAL
 
 
+def _fsdp(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def full_model_state(trainer: L.Trainer) -> dict:
+    """FSDP: the full (unsharded) state dict of the HF model, gathered from every rank onto rank 0's CPU
+    (a collective: every rank calls it; ranks > 0 get {}). Whatever the strategy's own `state_dict_type`
+    (sharded checkpoints included), this is FSDP's FULL_STATE_DICT with `rank0_only` and CPU offload, so
+    no rank ever holds more than one full copy, in host memory. Keys are the HF model's (the
+    LightningModule's `model.` prefix removed; FSDP and activation-checkpoint wrappers leave no trace)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, cfg):
+        state = trainer.strategy.model.state_dict()
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def save_full_state(bundle, state: dict, out_dir: str | Path) -> Path:
+    """`urt.models.save_pretrained` for a model whose weights live elsewhere (FSDP shards): the HF folder
+    from `state` (the full HF state dict) plus the bundle's config and processor."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = bundle.model
+    was_cache = getattr(model.config, "use_cache", None)
+    if was_cache is False:
+        model.config.use_cache = True  # a saved checkpoint is for inference by default
+    try:
+        model.save_pretrained(out, state_dict=state)
+    finally:
+        if was_cache is False:
+            model.config.use_cache = False
+    bundle.processor.save_pretrained(out)
+    return out
+
+
 class HFExport(Callback):
     """Writes `save_pretrained` folders (model + processor, loadable by plain transformers) under
-    `run_dir/hf/`: `final/` when fit ends, and `step-NNNNNN/` every `every_n_steps` optimizer steps."""
+    `run_dir/hf/`: `final/` when fit ends, and `step-NNNNNN/` every `every_n_steps` optimizer steps.
+
+    Several ranks: rank 0 decides and writes, the others wait at a barrier (so no rank races ahead on a
+    half-written folder). FSDP: every rank first takes part in gathering the full weights onto rank 0
+    (`full_model_state`), which then writes them; a LoRA model is refused there at setup (merging needs
+    the full base weights on one rank: train LoRA with DDP)."""
 
     def __init__(self, bundle, out_dir: str | Path, every_n_steps: int | None = None):
         self.bundle = bundle
@@ -62,11 +106,25 @@ class HFExport(Callback):
         self.written: list[Path] = []
         self._last = -1
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from urt.models.loading import is_peft_model
+
+        if not _fsdp(trainer):
+            return
+        if is_peft_model(self.bundle.model):
+            raise UrtError("LoRA with FSDP is not supported (the HF export merges the adapters into the full "
+                           "base weights on one rank): train LoRA with trainer=ddp")
+        from urt.models.sharding import check_wrapping
+
+        check_wrapping(self.bundle.model, self.bundle.family)
+
     def _save(self, trainer: L.Trainer, name: str) -> None:
+        state = full_model_state(trainer) if _fsdp(trainer) else None
         if trainer.is_global_zero:
             from urt.models import save_pretrained
 
-            path = save_pretrained(self.bundle, self.out_dir / name)
+            path = save_pretrained(self.bundle, self.out_dir / name) if state is None else \
+                save_full_state(self.bundle, state, self.out_dir / name)
             self.written.append(path)
             log.info("wrote %s", path)
         trainer.strategy.barrier("urt_hf_export")
@@ -78,7 +136,9 @@ class HFExport(Callback):
         if self.every and step > 0 and step % self.every == 0 and step != self._last:
             self._last = step
             name = f"step-{step:06d}"
-            if not (self.out_dir / name).exists():
+            # rank 0 decides (a rank checking on its own could see rank 0's folder appear and skip the
+            # barrier rank 0 then waits at)
+            if trainer.strategy.broadcast(not (self.out_dir / name).exists(), src=0):
                 self._save(trainer, name)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -94,9 +154,11 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         last = Path(self.ckpt.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-        if self.ckpt._last_global_step_saved == trainer.global_step and last.exists():
+        # rank 0 decides: saving is a collective (every rank must join it or none)
+        done = self.ckpt._last_global_step_saved == trainer.global_step and last.exists()
+        if trainer.strategy.broadcast(done, src=0):
             return
-        if last.is_symlink():
+        if trainer.is_global_zero and last.is_symlink():
             last.unlink()
         trainer.save_checkpoint(str(last))
         self.ckpt._last_global_step_saved = trainer.global_step
@@ -130,15 +192,18 @@ def resume_path(cfg: DictConfig) -> str | None:
     mode = str(cfg.stage.get("resume", "auto") or "auto")
     last = run_dir(cfg) / CKPT_DIR / "last.ckpt"
     if mode == "auto":
-        return str(last) if last.exists() else None
+        # Lightning's Slurm plugin writes run_dir/hpc_ckpt_N.ckpt when the job is signalled before its time
+        # limit (USR1, slurm/*.sbatch): resume from whichever of those and last.ckpt is newest
+        found = [p for p in [last, *run_dir(cfg).glob("hpc_ckpt_*.ckpt")] if p.exists()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     if mode == "never":
         if last.exists():
             raise UrtError(f"{last} exists and stage.resume=never: pick another stage.run_dir (or "
                            f"stage.run_name), delete the old run, or use stage.resume=auto to continue it")
         return None
     path = Path(mode).expanduser()
-    if not path.is_file():
-        raise UrtError(f"stage.resume={mode!r}: no such checkpoint file (use auto, never or a .ckpt path)")
+    if not path.exists():  # a file, or a folder (FSDP's sharded checkpoints)
+        raise UrtError(f"stage.resume={mode!r}: no such checkpoint (use auto, never or a .ckpt path)")
     return str(path)
 
 
@@ -156,9 +221,20 @@ def _loggers(cfg: DictConfig, out: Path) -> list:
             for var, sub in (("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb/cache"),
                              ("WANDB_CONFIG_DIR", "wandb/config"), ("WANDB_DATA_DIR", "wandb/data")):
                 (out / sub).mkdir(parents=True, exist_ok=True)
-                os.environ.setdefault(var, str(out / sub))
+                os.environ[var] = str(out / sub)  # per run: a second run in one process writes its own
         loggers.append(instantiate(spec))
     return loggers
+
+
+def finish_loggers(trainer) -> None:
+    """Close a wandb run at the end of fit (Lightning's WandbLogger leaves it open: within one Python
+    process — notebooks, the pipeline — the next stage would log into it)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in trainer.loggers) and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()
 
 
 def _accumulation(cfg: DictConfig) -> int | None:
@@ -234,7 +310,10 @@ def run_sft(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)
     log.info("data: %s", dm.summary())
     return final_hf_dir(cfg)
 

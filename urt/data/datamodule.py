@@ -9,9 +9,10 @@ Build it from config and attach the model bundle before fitting::
 
 Per DataLoader worker (``num_workers`` of them; 0 = the main process is the one worker) the stream is::
 
-    shard list ─ shuffled by (seed, epoch) ─ split by rank (rank::world) ─ split by worker (w::W)
+    shard list ─ shuffled by (seed, epoch) ─ split by rank (below) ─ split by worker (w::W)
       → urt.data.shards.make_pipeline (tar reading, per-shard count check, shuffle buffer seeded by
-        (seed, epoch, rank, worker)) → tasks filter (header only, before decoding) → decode_sample
+        (seed, epoch, rank, worker)) → [by-sample rank split] → tasks filter (header only, before
+        decoding) → decode_sample
       → order: keep | random (swap with p=0.5, Random(seed, epoch, key)) | both (the pair, then its swap)
       → SampleEncoder (never truncates: OverlongSample is filtered and counted as "overlong")
       → batches: "padded" = batch_size samples; "packed" = consecutive samples greedily while
@@ -19,6 +20,19 @@ Per DataLoader worker (``num_workers`` of them; 0 = the main process is the one 
 
 The DataLoader interleaves the workers' batches round-robin, so the same seed and the same
 num_workers give the same batches in the same order on every run.
+
+**Several ranks (DDP).** When the shards divide evenly over the ranks (their number is a multiple of the
+world size) each rank reads its own shards (``rank::world``). Otherwise — fewer shards than ranks (one
+shard: all but one rank would get nothing), or 3 shards on 2 ranks — every rank reads every shard of its
+worker and keeps every world-th sample (raw stream index ``i % world == rank``, the shuffle buffer then
+seeded without the rank, so the ranks agree on the order and split it exactly): shares differ by at most
+one sample per worker, at the price of each rank reading (not decoding) the others' samples. Under a
+Trainer the train loader also keeps the ranks' batch counts equal, which DDP needs (every step is a
+collective; a rank that runs out first would leave the others waiting for ever at the next gradient
+all-reduce): before each batch the ranks agree (one all-reduce) that every one of them has a batch, and
+the epoch ends for all when one has run out; what the others have left is counted as skipped
+(``uneven_ranks``), never silently dropped. Packing, the tasks filter and skipped samples make exact
+shares impossible in general, so this holds whatever the split.
 
 **Nothing is dropped silently.** Reader skips (corrupt images, truncated tars, …, see
 urt.data.shards.REASONS) plus "overlong" and "encode_error" are counted per worker and sent to the
@@ -44,6 +58,7 @@ val/test loaders read their shards in order (no shuffling), split the same way, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -71,6 +86,8 @@ REASONS = {
     "overlong": "longer than max_length (or than max_tokens_per_batch when packing); never truncated",
     "encode_error": "the encoder rejected the sample (e.g. target 'cot' without a CoT, a tie label "
                     "without a tie string, a processor error)",
+    "uneven_ranks": "left on this rank when another rank's share of the epoch ran out (DDP ranks must take "
+                    "the same number of steps); read again in later epochs",
 }
 _BEFORE = -1  # sub-position of events observed before a raw sample arrives
 
@@ -161,11 +178,19 @@ class ShardStream(IterableDataset):
         self.starts: dict[int, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------------------------ sharding
+    @property
+    def by_sample(self) -> bool:
+        """Whether the ranks split the samples rather than the shards: when the shards do not divide
+        evenly over the ranks (see the module docstring)."""
+        return self.world > 1 and len(self.urls) % self.world != 0
+
     def shards_for(self, worker: int, num_workers: int) -> list[str]:
         urls = list(self.urls)
         if self.shuffle:
             random.Random(f"urt-shards/{self.seed}/{self.epoch}").shuffle(urls)
-        return urls[self.rank :: self.world][worker::num_workers]
+        if not self.by_sample:
+            urls = urls[self.rank :: self.world]
+        return urls[worker::num_workers]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -194,7 +219,8 @@ class ShardStream(IterableDataset):
             return
         gstats = SkipStats()  # the reader's counts; drained after every raw sample
         ds = make_pipeline(mine, shuffle_buffer=self.shuffle_buffer if self.shuffle else 0,
-                           seed=_stable_int("urt-buffer", self.seed, self.epoch, self.rank, w),
+                           seed=_stable_int("urt-buffer", self.seed, self.epoch,
+                                            "all" if self.by_sample else self.rank, w),
                            shardshuffle=False, on_error=self.on_error, stats=gstats, decode=False,
                            **self.load_opts)
 
@@ -227,6 +253,8 @@ class ShardStream(IterableDataset):
             drain((i, _BEFORE))
             if i < start[0]:
                 continue
+            if self.by_sample and i % self.world != self.rank:
+                continue  # another rank's sample
             url = str(raw.get("__url__", "?"))
             if self.tasks is not None:
                 try:
@@ -312,16 +340,46 @@ class StreamLoader:
             dm._eval_stats[self.split] = SkipStats()
             driven = False
         seen = SkipStats().merge(dm._stats) if self.split == "train" else SkipStats()
-        for item in self._loader():
-            meta = item["_stream"]
-            seen.merge(_stats_from_dict(meta["counts"]))
-            if meta.get("final"):
-                dm._commit(meta)
+        # DDP: the ranks take the same number of train batches (module docstring)
+        even = self.split == "train" and driven and ds.world > 1
+        items = iter(self._loader())
+        while True:
+            item = next(items, None)
+            if item is not None and item["_stream"].get("final"):
+                seen.merge(_stats_from_dict(item["_stream"]["counts"]))
+                dm._commit(item["_stream"])
                 continue
+            if even and not dm._every_rank(item is not None):
+                self._leave(item, items, seen)
+                break
+            if item is None:
+                break
+            seen.merge(_stats_from_dict(item["_stream"]["counts"]))
             if not driven:
                 dm._commit(item.pop("_stream"))
             yield item
         dm._end_epoch(self.split, seen)
+
+    def _leave(self, item: dict | None, rest: Iterator[dict], seen: SkipStats) -> None:
+        """Another rank's train share ran out: `item` and the rest of this rank's stream are read to the
+        end (so the counts are complete) and their samples counted as skipped ("uneven_ranks"), not
+        trained on."""
+        left, batches = 0, 0
+        for it in itertools.chain([item] if item is not None else [], rest):
+            meta = dict(it["_stream"])
+            counts = _stats_from_dict(meta["counts"])
+            if not meta.get("final"):
+                n = int(meta["n"])
+                counts.ok -= n
+                counts.skipped["uneven_ranks"] += n
+                left, batches = left + n, batches + 1
+            meta.update(final=True, counts=counts.as_dict())  # accounted, not consumed
+            seen.merge(counts)
+            self.dm._commit(meta)
+        if left:
+            note = f"rank {self.dataset.rank}: {left} sample(s) in {batches} batch(es)"
+            for st in (seen, self.dm._stats):
+                st.examples.setdefault("uneven_ranks", []).append(note)
 
 
 class RewardDataModule(L.LightningDataModule):
@@ -453,6 +511,10 @@ class RewardDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return StreamLoader(self, "test", self._dataset("test")) if self.test_shards else []
+
+    def _every_rank(self, flag: bool) -> bool:
+        """`flag` and'ed over the trainer's ranks (a collective: every rank calls it at the same point)."""
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:

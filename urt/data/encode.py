@@ -42,7 +42,7 @@ from urt.prompts import (
 )
 
 MODES = ("sft", "prompt")
-TARGETS = ("cot", "answer")
+TARGETS = ("cot", "answer", "describe")
 IGNORE_INDEX = -100
 IM_END = "<|im_end|>"
 # Frame rate assumed for a video whose `fps` is unknown (Qwen2-VL's video processor default).
@@ -104,13 +104,14 @@ class SampleEncoder:
     target "cot": `sample.cot` is the target (UrtError naming the key if missing); "answer": the answer
     string for the label (direct-answer / implicit training): the bare string with the `implicit`
     template set (whose prompts ask for it bare), `<answer>…</answer>` with the CoT sets; a "tie" label
-    needs a set that offers a tie string (implicit, generation tasks).
+    needs a set that offers a tie string (implicit, generation tasks); "describe" (visual grounding): the
+    `describe` prompts ("Describe the image.") and `sample.meta["describe"]` as the target.
 
     Qwen3.5-style templates open the assistant turn with `<think>\\n` (`ChatPrompt.assistant_prefix`):
     a CoT target must start with that prefix (a target starting `<think>` without the newline is
     accepted: the prefix replaces `<think>` plus any whitespace after it, recorded in
     `meta["target_normalised"]`); "answer" targets render the prompt with `enable_thinking=False`
-    (the template's empty think block) so no think block is expected. `meta["assistant_prefix"]` is what
+    (the template's empty think block) so no think block is expected (the same for "describe"). `meta["assistant_prefix"]` is what
     generated text must be prefixed with before parsing."""
 
     def __init__(self, processor, family: str, *, template_set: str | None = None, mode: str = "sft",
@@ -123,7 +124,9 @@ class SampleEncoder:
             raise UrtError(f"max_length must be a positive integer or None, got {max_length!r}")
         self.processor = processor
         self.family = family
-        self.template_set = template_set or default_template_set(family)
+        if target == "describe" and template_set not in (None, "describe"):
+            raise UrtError(f"target 'describe' uses the 'describe' prompts, not template set {template_set!r}")
+        self.template_set = "describe" if target == "describe" else (template_set or default_template_set(family))
         self.mode = mode
         self.target = target
         self.max_length = None if max_length is None else int(max_length)
@@ -137,6 +140,12 @@ class SampleEncoder:
     def target_text(self, sample: Sample) -> str:
         """The assistant completion this sample is trained on (before the chat template's prefix is
         removed and `<|im_end|>` added)."""
+        if self.target == "describe":
+            text = sample.meta.get("describe") if isinstance(sample.meta, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise UrtError(f"sample {sample.key!r}: target 'describe' needs meta['describe'] (what the "
+                               f"visuals show, e.g. 'The image shows a red circle.'), but the sample has none")
+            return text
         if self.target == "cot":
             if not isinstance(sample.cot, str) or not sample.cot.strip():
                 raise UrtError(f"sample {sample.key!r}: target 'cot' needs a CoT trace, but the sample has none "
@@ -207,7 +216,7 @@ class SampleEncoder:
                                  visuals=visuals, processor=self.processor, add_generation_prompt=True)
         except UrtError as err:
             raise UrtError(f"sample {sample.key!r}: {err}") from None
-        if self.target == "answer" and prompt.assistant_prefix and prompt.messages is not None:
+        if self.target in ("answer", "describe") and prompt.assistant_prefix and prompt.messages is not None:
             # A thinking template (Qwen3.5) opens "<think>\n"; direct answers use its no-think form.
             text = self.processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True,
                                                       enable_thinking=False)

@@ -339,8 +339,12 @@ def load_model(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        if lora:
-            model.enable_input_require_grads()
+        # transformers also hooks every sub-model's input embeddings to require grad (needed only by reentrant
+        # checkpointing): with a frozen vision tower that back-propagates through the whole tower every step
+        # (measured on an H100 with a 3B model: the SFT step took 5.7 s instead of 2.8 s). Non-reentrant
+        # checkpointing gets parameter gradients without it, LoRA included.
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
     if lora:
         model = apply_lora(model, family, dict(lora))
         # peft froze every base weight; give back the parts the caller wants fully trained.

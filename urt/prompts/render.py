@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from urt.errors import UrtError
 
 TASKS = ("image_generation", "video_generation", "image_understanding", "video_understanding")
-TEMPLATE_SETS = ("paper", "qwen3", "implicit")
+TEMPLATE_SETS = ("paper", "qwen3", "implicit", "describe")
 FAMILIES = ("llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 FIELDS = ("caption", "question", "answer1", "answer2")
 
@@ -29,6 +29,14 @@ ANSWER_STRINGS: dict[str, tuple[str, str]] = {
     "image_understanding": ("Answer 1 is better", "Answer 2 is better"),
     "video_understanding": ("Answer 1 is better", "Answer 2 is better"),
 }
+# Templates urt adds to the released ones (not byte-checked against a reference): UnifiedReward's implicit set
+# has no video-understanding prompt, so `implicit/video_understanding` is its image-understanding prompt with
+# "image" read as "video" (the demo's stage-0 base model answers all four tasks directly).
+# The `describe` set (visual grounding: "Describe the image." -> "The image shows a red circle.", the SampleEncoder's
+# target "describe") is urt's own too: a short prompt that teaches perception cheaply before judging.
+URT_AUTHORED = (("implicit", "video_understanding"),
+                *(("describe", t) for t in ("image_generation", "video_generation", "image_understanding",
+                                            "video_understanding")))
 # Only the implicit ("w/o CoT") generation prompts offer a tie; CoT mode has no tie string.
 TIE_STRINGS: dict[str, str] = {
     "image_generation": "Both images are equally good",

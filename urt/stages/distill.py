@@ -318,8 +318,8 @@ def _describe(attrs: dict | None) -> str | None:
     a = {_attr_key(str(k)): v for k, v in attrs.items() if v is not None}
     words = [str(a[k]) for k in ("size", "color") if k in a]
     noun = str(a.get("shape") or a.get("object") or "shape")
-    extra = [f"{k} {v}" for k, v in a.items() if k not in ("size", "color", "shape", "object")]
-    text = " ".join(words + [noun])
+    extra = [f"{k} {v}" for k, v in a.items() if k not in ("size", "color", "shape", "object", "motion")]
+    text = " ".join(words + [noun]) + (f" moving {a['motion']}" if a.get("motion") else "")
     art = "an" if text[:1].lower() in "aeiou" else "a"
     return f"{art} {text}" + (f" ({', '.join(extra)})" if extra else "")
 
@@ -335,18 +335,22 @@ class RuleTeacher:
     Scores are drawn from a per-sample RNG (``seed`` and the sample key, so reruns and resumes give
     the same text): on the first (content) dimension the preferred candidate gets 8–10 and the other
     1–4 (understanding: also on Correctness, 7–10 vs 1–5); the other dimensions 5–9 each; the preferred
-    candidate's total is always strictly higher.
+    candidate's total is always strictly higher. ``dimensions`` keeps only the first N dimensions (the
+    content one first), for shorter traces.
     Rationales state the attributes seen, what the caption/question asks and match/mismatch when
     ``meta["attributes"]`` gives them (see the module docstring), and generic text otherwise. Tie labels
     cannot be written in CoT mode and are returned as ``bad_input``."""
 
     name = "rule"
 
-    def __init__(self, template_set: str = "paper", seed: int = 0) -> None:
+    def __init__(self, template_set: str = "paper", seed: int = 0, dimensions: int | None = None) -> None:
         if template_set != "paper":
             raise UrtError(f"RuleTeacher writes the paper layout only; template_set {template_set!r} is not "
                            "supported")
+        if dimensions is not None and int(dimensions) < 1:
+            raise UrtError(f"dimensions must be >= 1 (or None: all of the task's), got {dimensions}")
         self.template_set, self.seed = template_set, seed
+        self.dimensions = None if dimensions is None else int(dimensions)
 
     def judge(self, samples: list[Sample], on_result: OnResult | None = None) -> list[TeacherResult]:
         out = []
@@ -450,7 +454,7 @@ class RuleTeacher:
             raise UrtError(f"sample {s.key!r}: label {s.label!r} has no CoT verdict")
         win = int(s.label)
         rng = random.Random(f"{self.seed}:{s.key}")
-        dims = _DIMENSIONS[s.task]
+        dims = _DIMENSIONS[s.task][: self.dimensions]  # a shorter CoT (the demo's): the first N dimensions
         noun = _NOUN[s.task]
         rows = self._scores(rng, win, len(dims), s.task)
         pre, content = self._content_rationales(s, win)

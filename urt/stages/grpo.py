@@ -43,6 +43,7 @@ and resumed repeats the uninterrupted run's steps (deterministic CPU).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -76,6 +77,12 @@ class PromptBatch:
 
     def __call__(self, items: list[Encoded]) -> dict:
         return {"prompts": list(items), "keys": [e.key for e in items]}
+
+
+def _distributed() -> bool:
+    """Whether this process is one of several data-parallel ranks (an initialised process group > 1)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
 
 
 def generation_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -147,15 +154,20 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return move(batch, device, dtype)
 
 
-def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy: bool = False
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy: bool = False,
+                      visual_cache=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-token log-probs (fp32) of each sequence's completion tokens (one 1-D tensor per sequence, in
-    order) and, when asked, the per-token entropies (detached). `collate` is a packed or padded collator."""
+    order) and, when asked, the per-token entropies (detached). `collate` is a packed or padded collator.
+    `visual_cache` (a `urt.rl.visual_cache.VisualCache` of this step's prompts): the model is fed the
+    cached visual features instead of running its vision tower on every sequence's pixels (the normal path,
+    with the reason logged, when the cache cannot feed this model)."""
     batch = collate(seqs)
     labels = batch["labels"]
     inputs = model_inputs(batch)
     param = next(model.parameters())
     inputs = _to_device(inputs, param.device, getattr(model, "dtype", param.dtype))
+    if visual_cache is not None:
+        inputs = visual_cache.inputs_for(model, seqs, inputs)
     labels = labels.to(param.device)
     keep = supervised_mask(labels)  # positions whose next token is a completion token
     targets = labels[:, 1:][keep[:, :-1]]
@@ -186,6 +198,72 @@ def _user_text(tokenizer, prompt: Encoded, skip_ids: set[int]) -> str:
     return text.split("<|im_end|>", 1)[0].strip()
 
 
+ROLLOUT_TABLE_KEY = "rollouts/step_{step:06d}"  # the wandb Table of one rollout step
+
+
+def is_truncated(ids: Sequence[int], eos_id: int, max_new_tokens: int) -> bool:
+    """Whether a completion hit `max_new_tokens` without an EOS, from its `completion_ids` (which end
+    with EOS exactly when the completion was not cut). An empty (invalid) completion is not truncated."""
+    return len(ids) >= max_new_tokens and (not ids or int(ids[-1]) != int(eos_id))
+
+
+def parsed_answers(texts: Sequence[str | None], tasks: Sequence[str]) -> tuple[list, list]:
+    """(answer text, winner) of each completion by `urt.prompts.parse_output`: the `<answer>` content
+    (None without one) and "1" / "2" / "tie" (None when the answer is not one of the task's strings)."""
+    from urt.prompts import parse_output
+
+    answers, winners = [], []
+    for t, task in zip(texts, tasks):
+        j = parse_output(t, task)
+        answers.append(j.answer)
+        winners.append(None if j.winner is None else str(j.winner))
+    return answers, winners
+
+
+def rollout_arrow_table(cols: dict[str, list]):
+    """A pyarrow Table of rollout columns with stable types (so every step's parquet has one schema,
+    also when a string column is all null in a step)."""
+    import pyarrow as pa
+
+    types = {"step": pa.int64(), "rank": pa.int64(), "group": pa.int64(), "sample": pa.int64(),
+             "completion_length": pa.int64(), "truncated": pa.bool_(), "kept": pa.bool_(), "swapped": pa.bool_(),
+             "advantage": pa.float64(), "reward": pa.float64()}
+    out = {}
+    for k, v in cols.items():
+        t = types.get(k, pa.float64() if k.startswith("reward_") else pa.string())
+        out[k] = pa.array(v, type=t)
+    return pa.table(out)
+
+
+def sample_table_rows(groups: Sequence[int], n: int, seed: str | int) -> list[int]:
+    """Row indices for the per-step wandb Table: whole groups in a seeded random order until `n` rows
+    (the last group possibly cut), returned in row order. n <= 0: none."""
+    import random
+
+    if n <= 0:
+        return []
+    rows_of: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        rows_of.setdefault(int(g), []).append(i)
+    order = sorted(rows_of)
+    random.Random(seed).shuffle(order)
+    picked: list[int] = []
+    for g in order:
+        picked += rows_of[g]
+        if len(picked) >= n:
+            break
+    return sorted(picked[:n])
+
+
+def wandb_loggers(trainer) -> list:
+    """The trainer's WandbLoggers (none without a trainer)."""
+    if trainer is None:
+        return []
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
 # ------------------------------------------------------------------------------------------ module
 class GRPOModule(L.LightningModule):
     """GRPO of a `ModelBundle` (see the module docstring). Hyper-parameters: conf/stage/grpo.yaml."""
@@ -197,7 +275,8 @@ class GRPOModule(L.LightningModule):
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, num_iterations: int = 1,
                  num_mini_batches: int = 1, micro_batch_size: int = 8, max_grad_norm: float | None = 1.0,
                  filter_zero_variance: bool = False, collate: str = "packed", reward_weights: dict | None = None,
-                 seed: int = 0, total_steps: int | None = None, rollout_dir: str | Path | None = None):
+                 seed: int = 0, total_steps: int | None = None, rollout_dir: str | Path | None = None,
+                 rollout_table_rows: int = 16, visual_cache: bool = True):
         super().__init__()
         self.automatic_optimization = False
         self.bundle = bundle
@@ -217,6 +296,8 @@ class GRPOModule(L.LightningModule):
         self.reward_weights = dict(reward_weights) if reward_weights else None
         self.seed, self.total_steps = int(seed), total_steps
         self.rollout_dir = Path(rollout_dir) if rollout_dir else None
+        self.rollout_table_rows = int(rollout_table_rows or 0)  # rows of the per-step wandb Table
+        self.visual_cache = bool(visual_cache)  # encode visuals once per step (frozen vision tower only)
         if self.G < 2:
             raise UrtError(f"num_generations must be >= 2 (a group of 1 has no advantage), got {self.G}")
         if self.mu < 1 or self.num_mini_batches < 1 or self.micro_batch_size < 1:
@@ -283,6 +364,8 @@ class GRPOModule(L.LightningModule):
         scores = self._score(prompts, texts, valid, step)
         rewards = torch.tensor(scores["reward"], dtype=torch.float32)
         advantages, zero_var, usable = grouped_advantages(rewards, valid, G, self.advantage)
+        if self.advantage == "batch" and _distributed():  # the std of the global batch, not of this rank's
+            advantages = self._global_batch_advantages(rewards, valid, usable)
         group_keep = usable & ~zero_var if self.filter_zero_variance else usable
         keep = valid & group_keep.repeat_interleave(G)
         t2 = time.perf_counter()
@@ -291,14 +374,26 @@ class GRPOModule(L.LightningModule):
         idx = keep.nonzero().flatten().tolist()
 
         # 4. old (μ > 1) and reference (β ≠ 0) log-probs, then μ × num_mini_batches optimizer steps
+        #    Every rank takes the same optimizer steps (DDP): the mini-batch count comes from the largest
+        #    rank's kept sequences (one process: min(num_mini_batches, kept)), a rank may hold none of a
+        #    mini-batch; no rank keeps anything -> no update anywhere.
         losses, stats = [], {"kl": [], "clip_fraction": [], "entropy": []}
-        if idx:
-            old = self._frozen_logprobs(self.model, seqs, idx) if self.mu > 1 else None
-            ref = self._reference_logprobs(seqs, idx) if self.beta != 0 else None
-            minis = [m for m in (idx[k::self.num_mini_batches] for k in range(self.num_mini_batches)) if m]
+        n_minis = min(self.num_mini_batches, self._max_over_ranks(len(idx)))
+        if n_minis:
+            # a frozen vision tower's features are constants of the step: encode each prompt's visuals once
+            # for the policy, old and reference passes and every μ iteration (urt.rl.visual_cache)
+            cache = None
+            if self.visual_cache and idx:
+                from urt.rl.visual_cache import VisualCache
+
+                cache = VisualCache.for_step(self.model, self.bundle.family, [seqs[i] for i in idx])
+            old = self._frozen_logprobs(self.model, seqs, idx, cache) if self.mu > 1 else None
+            ref = self._reference_logprobs(seqs, idx, cache) if self.beta != 0 else None
+            minis = [idx[k::n_minis] for k in range(n_minis)]
             for it in range(self.mu):
                 for m in minis:
-                    losses.append(self._update(seqs, m, advantages, old, ref, stats, first=it == 0))
+                    losses.append(self._update(seqs, m, advantages, old, ref, stats, first=it == 0,
+                                               visual_cache=cache))
         t3 = time.perf_counter()
         self.rollout_step = step
 
@@ -358,13 +453,86 @@ class GRPOModule(L.LightningModule):
         return out
 
     def _any_rank(self, flag: bool) -> bool:
-        """`flag` or'ed over the data-parallel ranks (so every rank stops together)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            return bool(t.item() > 0)
-        return bool(flag)
+        """`flag` or'ed over the data-parallel ranks (so every rank stops together). A collective: every
+        rank must call it at the same point of the step."""
+        if not _distributed():
+            return bool(flag)
+        return bool(self._all_reduce(torch.tensor([1.0 if flag else 0.0], device=self.device), "max").item() > 0)
+
+    # -------------------------------------------------------------------------------------- data parallel
+    # Under DDP (trainer=ddp / ddp_cpu) every rank runs the same step on its own prompts: the same number of
+    # `_update` calls (so of optimizer steps) and the same collectives in the same order, whatever its
+    # share of kept sequences (none included). The micro-batches accumulate without DDP's sync (else one
+    # all-reduce each, and a hang as soon as the ranks' micro-batch counts differ); `_sync_gradients` then
+    # has DDP all-reduce once per optimizer step, the loss weights having divided by the global counts.
+    def _all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`t` reduced in place over the data-parallel ranks (sum or max); `t` itself on one process."""
+        if _distributed():
+            ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+            torch.distributed.all_reduce(t, op=ops[op])
+        return t
+
+    def _max_over_ranks(self, n: int) -> int:
+        """`n` maxed over the data-parallel ranks (a collective)."""
+        if not _distributed():
+            return int(n)
+        return int(self._all_reduce(torch.tensor([float(n)], device=self.device), "max").item())
+
+    def _no_grad_sync(self):
+        """Context in which backward passes accumulate local gradients only: the strategy's
+        `block_backward_sync` (DDP's `no_sync`); nothing to block on one device."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        block = getattr(strategy, "block_backward_sync", None)
+        return block() if block is not None else contextlib.nullcontext()
+
+    def _sync_gradients(self, opt, loss: float, bad: bool) -> tuple[float, bool]:
+        """Average the optimizer's accumulated gradients over the ranks (in place) and return (the loss
+        summed over the ranks, whether any rank saw a non-finite loss). On one process: (loss, bad), nothing
+        moves.
+
+        One small collective first carries the loss and the non-finite flag (on a non-finite loss every rank
+        stops there, before any gradient moves). Then one backward pass *with* DDP's sync of a zero that
+        touches every trainable parameter: its gradient adds nothing, but it fires DDP's hooks, so DDP's
+        reducer all-reduces the accumulated gradients in its buckets as it would after a plain backward
+        (bucketed, comm hooks honoured; with `gradient_as_bucket_view` the gradients then live in those
+        buckets and accumulate there, no second copy). DDP divides by the world size: the loss weights of
+        `_update` multiply by it. Every trainable parameter ends with a gradient (zero where no rank's
+        sequences reached it), on every rank, also on one without sequences."""
+        if not _distributed():
+            return loss, bad
+        head = self._all_reduce(torch.tensor([loss, 1.0 if bad else 0.0], dtype=torch.float64, device=self.device))
+        if bool(head[1] > 0):
+            return float(head[0]), True
+        params = [p for p in self.parameters() if p.requires_grad]  # exactly the parameters DDP reduces
+        zero = sum(p.reshape(-1)[0].float() for p in params) * 0.0
+        self.manual_backward(zero)  # outside `_no_grad_sync`: DDP all-reduces now
+        return float(head[0]), False
+
+    def _global_batch_advantages(self, rewards: torch.Tensor, valid: torch.Tensor, usable: torch.Tensor
+                                 ) -> torch.Tensor:
+        """advantage="batch" under DDP: the centred rewards scaled by the std over the *global* batch (the
+        usable groups' valid slots of every rank, in rank order), as one process holding it would."""
+        centred, _, _ = grouped_advantages(rewards, valid, self.G, "none")
+        sel = valid & usable.repeat_interleave(self.G)
+        mine = centred[sel].tolist()
+        every: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine)
+        flat = torch.tensor([v for r in every for v in r], dtype=torch.float32)
+        std = flat.std() if flat.numel() > 1 else torch.zeros(())
+        return torch.where(sel, centred / (std + PAPER_STD_EPS), torch.zeros_like(centred))
+
+    def setup(self, stage: str) -> None:
+        """GRPO runs on one device or with DDP; other strategies are refused before anything is built."""
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise UrtError(f"GRPO runs on one device or with DDP (trainer=ddp, trainer=ddp_cpu), not with "
+                           f"{type(strategy).__name__}: generation, the frozen reference and the gradient sum "
+                           f"need every rank to hold the full weights (use FSDP for the SFT stages)")
+        if isinstance(strategy, DDPStrategy) and getattr(strategy, "_ddp_kwargs", {}).get("static_graph"):
+            raise UrtError("GRPO needs DDP with static_graph=False: it sums the gradients itself once per "
+                           "optimizer step (trainer.strategy.static_graph)")
 
     def _fail(self, step: int, what: str):
         """Save the Lightning state under the run's checkpoints folder, then raise a UrtError."""
@@ -420,40 +588,60 @@ class GRPOModule(L.LightningModule):
         out.update({f"train/{k}": float(torch.stack(v).mean()) for k, v in stats.items() if v})
         return out
 
-    def _update(self, seqs, idx, advantages, old, ref, stats, first: bool) -> float:
-        """One optimizer step over the sequences `idx` (micro-batches accumulated exactly); returns its loss."""
+    def _update(self, seqs, idx, advantages, old, ref, stats, first: bool, visual_cache=None) -> float:
+        """One optimizer step over the sequences `idx` (micro-batches accumulated exactly); returns its loss.
+
+        Data parallel: every rank runs this once per optimizer step, `idx` being its share of the step's
+        sequences (possibly none). The loss weights divide by the sequence / completion-token counts summed
+        over all ranks, the micro-batches accumulate without any gradient communication, and one all-reduce
+        of the gradients (`_sync_gradients`) then gives every rank the gradient of the global objective —
+        exactly, whatever the ranks' shares, micro-batch counts or filtered groups."""
         opt = self.optimizers()
-        opt.zero_grad()
-        n_seq = len(idx)
-        n_tok = sum(len(seqs[i].labels) - seqs[i].prompt_length for i in idx)
-        total = 0.0
-        for s in range(0, n_seq, self.micro_batch_size):
-            mb = idx[s:s + self.micro_batch_size]
-            logp, ent = sequence_logprobs(self.model, self.collate, [seqs[i] for i in mb], entropy=first)
-            logp = pad_rows(logp)
-            comp = pad_rows([seqs[i].labels[seqs[i].prompt_length:] for i in mb], value=IGNORE_INDEX)
-            mask = completion_mask(comp, self.eos_id).to(logp.device) * (comp != IGNORE_INDEX).to(logp.device)
-            loss, m = policy_loss(
-                logp, advantages[mb].to(logp.device), mask,
-                old_logp=None if old is None else pad_rows([old[i] for i in mb]).to(logp.device),
-                ref_logp=None if ref is None else pad_rows([ref[i] for i in mb]).to(logp.device),
-                beta=self.beta, kl_estimator=self.kl_estimator, aggregation=self.aggregation,
-                eps_low=self.eps_low, eps_high=self.eps_high, max_completion_length=self.max_new_tokens)
-            if self._any_rank(not bool(torch.isfinite(loss.detach()).all())):
-                step = getattr(self, "_step_in_progress", self.rollout_step + 1)
-                keys = ", ".join(repr(seqs[i].key) for i in mb)
-                self._fail(step, f"the loss is non-finite ({float(loss.detach())}) on the micro-batch of samples "
-                                 f"{keys}")
-            # exact accumulation: token aggregation weighs by tokens, the others by sequences
-            mb_tok = float(mask.sum())
-            w = mb_tok / max(1, n_tok) if self.aggregation == "token" else len(mb) / n_seq
-            self.manual_backward(loss * w)
-            total += float(loss.detach()) * w
-            if first:
-                stats["clip_fraction"].append(m["clip_fraction"].float().cpu())
-                if "kl" in m:
-                    stats["kl"].append(m["kl"].float().cpu())
-                stats["entropy"].append(torch.cat([e for e in ent]).mean().cpu())
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        # DDP: keep the gradients where DDP's reducer put them (its buckets) and accumulate into them
+        opt.zero_grad(set_to_none=world == 1)
+        # this step's global counts: sequences, and completion tokens (each loss mask, up to the first EOS)
+        tokens = {i: float(completion_mask(seqs[i].labels[seqs[i].prompt_length:][None], self.eos_id).sum())
+                  for i in idx}
+        counts = self._all_reduce(torch.tensor([float(len(idx)), sum(tokens.values())], dtype=torch.float64,
+                                               device=self.device))
+        n_seq, n_tok = (float(c) for c in counts.cpu())
+        total, bad = 0.0, None
+        with self._no_grad_sync():
+            for s in range(0, len(idx), self.micro_batch_size):
+                mb = idx[s:s + self.micro_batch_size]
+                logp, ent = sequence_logprobs(self.model, self.collate, [seqs[i] for i in mb], entropy=first,
+                                              visual_cache=visual_cache)
+                logp = pad_rows(logp)
+                comp = pad_rows([seqs[i].labels[seqs[i].prompt_length:] for i in mb], value=IGNORE_INDEX)
+                mask = completion_mask(comp, self.eos_id).to(logp.device) * (comp != IGNORE_INDEX).to(logp.device)
+                loss, m = policy_loss(
+                    logp, advantages[mb].to(logp.device), mask,
+                    old_logp=None if old is None else pad_rows([old[i] for i in mb]).to(logp.device),
+                    ref_logp=None if ref is None else pad_rows([ref[i] for i in mb]).to(logp.device),
+                    beta=self.beta, kl_estimator=self.kl_estimator, aggregation=self.aggregation,
+                    eps_low=self.eps_low, eps_high=self.eps_high, max_completion_length=self.max_new_tokens)
+                if not bool(torch.isfinite(loss.detach()).all()):  # checked before its backward
+                    bad = (float(loss.detach()), mb)
+                    break
+                # exact accumulation: token aggregation weighs by tokens, the others by sequences (global
+                # counts; x world: DDP's sync averages over the ranks, the objective sums their shares)
+                w = sum(tokens[i] for i in mb) / max(1.0, n_tok) if self.aggregation == "token" \
+                    else len(mb) / max(1.0, n_seq)
+                self.manual_backward(loss * (w * world))
+                total += float(loss.detach()) * w
+                if first:
+                    stats["clip_fraction"].append(m["clip_fraction"].float().cpu())
+                    if "kl" in m:
+                        stats["kl"].append(m["kl"].float().cpu())
+                    stats["entropy"].append(torch.cat([e for e in ent]).mean().cpu())
+        total, any_bad = self._sync_gradients(opt, total, bad is not None)
+        if any_bad:  # every rank stops here, before any optimizer step applies the bad micro-batch
+            step = getattr(self, "_step_in_progress", self.rollout_step + 1)
+            if bad is None:
+                self._fail(step, "the loss is non-finite on a micro-batch of another rank")
+            keys = ", ".join(repr(seqs[i].key) for i in bad[1])
+            self._fail(step, f"the loss is non-finite ({bad[0]}) on the micro-batch of samples {keys}")
         if self.max_grad_norm:
             self.clip_gradients(opt, gradient_clip_val=float(self.max_grad_norm), gradient_clip_algorithm="norm")
         opt.step()
@@ -463,19 +651,19 @@ class GRPOModule(L.LightningModule):
         return total
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, seqs, idx) -> dict[int, torch.Tensor]:
+    def _frozen_logprobs(self, model, seqs, idx, visual_cache=None) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
         for s in range(0, len(idx), self.micro_batch_size):
             mb = idx[s:s + self.micro_batch_size]
-            lp, _ = sequence_logprobs(model, self.collate, [seqs[i] for i in mb])
+            lp, _ = sequence_logprobs(model, self.collate, [seqs[i] for i in mb], visual_cache=visual_cache)
             out.update({i: x.detach() for i, x in zip(mb, lp)})
         return out
 
-    def _reference_logprobs(self, seqs, idx) -> dict[int, torch.Tensor]:
+    def _reference_logprobs(self, seqs, idx, visual_cache=None) -> dict[int, torch.Tensor]:
         if self.ref_model is not None:
-            return self._frozen_logprobs(self.ref_model, seqs, idx)
+            return self._frozen_logprobs(self.ref_model, seqs, idx, visual_cache)
         with self.model.disable_adapter():  # LoRA: the base model is the reference
-            return self._frozen_logprobs(self.model, seqs, idx)
+            return self._frozen_logprobs(self.model, seqs, idx, visual_cache)
 
     def _max_reward(self) -> float:
         from urt.rewards import DEFAULT_WEIGHTS
@@ -483,21 +671,32 @@ class GRPOModule(L.LightningModule):
         return float(sum((self.reward_weights or DEFAULT_WEIGHTS).values()))
 
     def _write_rollouts(self, step, prompts, texts, ids, scores, advantages, keep, valid=None) -> None:
-        if self.rollout_dir is None:
+        """Every rollout of the step, one row each: `rollout_dir/step-NNNNNN.parquet` (rank 0 writes all
+        ranks' rows) and, when a WandbLogger is attached, `rollout_table_rows` of them as a wandb Table
+        under `rollouts/step_NNNNNN`. Columns: step, rank, prompt_key, group (unique within the step
+        across ranks), sample (index in the group), sample_key (`key#sample`), task, label, swapped (the
+        pair was presented in swapped order; label is the presented one), prompt (last user turn, no
+        vision placeholders), completion, answer (the parsed `<answer>` text), winner ("1"/"2"/"tie"
+        parsed, else null), reward_<name> per reward (unweighted), reward (weighted sum), advantage,
+        completion_length (tokens in the loss mask, EOS included), truncated (hit max_new_tokens without
+        EOS), kept (trained on). Slots `generate` left empty have no row."""
+        tables = wandb_loggers(self._trainer) if self.rollout_table_rows > 0 else []
+        if self.rollout_dir is None and not tables:
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        G = self.G
+        G, n = self.G, len(texts)
         rank = self.global_rank
         users = [_user_text(self.bundle.tokenizer, p, self.vision_ids) for p in prompts]
+        of = [prompts[i // G] for i in range(n)]
+        answers, winners = parsed_answers(texts, [p.task for p in of])
         cols: dict[str, list] = {
-            "step": [step] * len(texts), "rank": [rank] * len(texts),
-            "prompt_key": [prompts[i // G].key for i in range(len(texts))],
-            "group": [i // G for i in range(len(texts))], "sample": [i % G for i in range(len(texts))],
-            "task": [prompts[i // G].task for i in range(len(texts))],
-            "label": [str(prompts[i // G].label) for i in range(len(texts))],
-            "prompt": [users[i // G] for i in range(len(texts))], "completion": [t or "" for t in texts],
+            "step": [step] * n, "rank": [rank] * n,
+            "prompt_key": [p.key for p in of],
+            "group": [i // G for i in range(n)], "sample": [i % G for i in range(n)],
+            "sample_key": [f"{p.key}#{i % G}" for i, p in enumerate(of)],
+            "task": [p.task for p in of], "label": [str(p.label) for p in of],
+            "swapped": [bool((p.meta.get("sample_meta") or {}).get("swapped", False)) for p in of],
+            "prompt": [users[i // G] for i in range(n)], "completion": [t or "" for t in texts],
+            "answer": answers, "winner": winners,
         }
         for name, vals in scores.items():
             if name.startswith("rewards/"):
@@ -505,18 +704,35 @@ class GRPOModule(L.LightningModule):
         cols["reward"] = [float(v) for v in scores["reward"]]
         cols["advantage"] = [float(a) for a in advantages]
         cols["completion_length"] = [len(x) for x in ids]
+        cols["truncated"] = [is_truncated(x, self.eos_id, self.max_new_tokens) for x in ids]
         cols["kept"] = [bool(k) for k in keep]
         if valid is not None and not bool(valid.all()):  # slots generate left empty have no row
             rows_at = [i for i, t in enumerate(texts) if t is not None]
             cols = {k: [v[i] for i in rows_at] for k, v in cols.items()}
-        rows = [cols]
+        parts = [(cols, len(prompts))]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rows = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(rows, cols)
-        if rank == 0:
-            merged = {k: [v for r in rows for v in r[k]] for k in cols}
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (cols, len(prompts)))
+        if rank != 0:
+            return
+        merged: dict[str, list] = {k: [] for k in cols}
+        offset = 0  # group ids: rank r's groups follow those of ranks < r
+        for part, n_groups in parts:
+            for k in cols:
+                merged[k] += [g + offset for g in part[k]] if k == "group" else part[k]
+            offset += n_groups
+        if self.rollout_dir is not None:
             self.rollout_dir.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table(merged), self.rollout_dir / f"step-{step:06d}.parquet")
+            import pyarrow.parquet as pq
+
+            pq.write_table(rollout_arrow_table(merged), self.rollout_dir / f"step-{step:06d}.parquet")
+        if tables:
+            at = sample_table_rows(merged["group"], self.rollout_table_rows, f"urt-rollout-table:{self.seed}:{step}")
+            names = list(merged)
+            data = [[merged[k][i] for k in names] for i in at]
+            for lg in tables:
+                lg.log_table(key=ROLLOUT_TABLE_KEY.format(step=step), columns=names, data=data,
+                             step=self.trainer.global_step)
 
     # -------------------------------------------------------------------------------------- plumbing
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -587,7 +803,8 @@ def build_grpo(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
         num_mini_batches=st.num_mini_batches, micro_batch_size=st.micro_batch_size,
         max_grad_norm=st.max_grad_norm, filter_zero_variance=st.filter_zero_variance, collate=st.collate,
         reward_weights=OmegaConf.to_container(weights, resolve=True) if weights else None, seed=int(cfg.seed),
-        total_steps=st.get("total_steps"), rollout_dir=out / ROLLOUT_DIR if st.get("rollouts", True) else None)
+        total_steps=st.get("total_steps"), rollout_dir=out / ROLLOUT_DIR if st.get("rollouts", True) else None,
+        rollout_table_rows=st.get("rollout_table_rows", 16), visual_cache=st.get("visual_cache", True))
 
     cbs = stage_callbacks(cfg, bundle, out, callbacks)
     # Manual optimization: clipping (stage.max_grad_norm) and accumulation (micro_batch_size) are ours.
@@ -599,12 +816,15 @@ def build_grpo(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
 
 def run_grpo(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:
     """Fit a GRPO stage from a composed config; returns the final HF folder (`run_dir/hf/final`)."""
-    from urt.train import final_hf_dir, run_dir
+    from urt.train import final_hf_dir, finish_loggers, run_dir
 
     bundle, dm, module, trainer, ckpt_path = build_grpo(cfg, callbacks)
     if trainer.is_global_zero:
         (run_dir(cfg) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    finally:
+        finish_loggers(trainer)
     return final_hf_dir(cfg)

@@ -266,11 +266,13 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
                      max_new_tokens: int = 1024, batch_size: int = 8, keep: str = "first", seed: int = 0,
                      template_set: str | None = None, order: str = "keep", tasks: Sequence[str] | None = None,
                      max_length: int | None = None, on_error: str = "skip", progress: bool = True,
-                     resume: bool = True, read: dict | None = None, maxcount: int = 1000) -> RejectionReport:
+                     resume: bool = True, read: dict | None = None, maxcount: int = 1000,
+                     limit: int | None = None) -> RejectionReport:
     """Judge every pair of `shards` K times with `bundle` and split the pairs into SFT data (a correct
     trace exists) and GRPO data (none); see the module docstring. `read`: extra keyword arguments of
     `urt.data.shards.read_shards` (frames, min_pixels, max_pixels, ...). Returns a RejectionReport;
-    writes out_dir/{rollouts.jsonl, sft/, grpo/, summary.json}."""
+    writes out_dir/{rollouts.jsonl, sft/, grpo/, summary.json}. `limit`: judge only the first `limit` pairs
+    (of the selected tasks) in shard order; the rest are not read."""
     from urt.data.datamodule import swap_decision
     from urt.data.encode import OverlongSample, SampleEncoder
     from urt.data.shards import SkipStats, read_shards, write_shards
@@ -305,8 +307,12 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
     skipped_by_task: dict[str, Counter] = {}
     read_stats = SkipStats()
     seen: set[str] = set()
-    generated = 0
+    generated = taken = 0
+    if limit is not None and int(limit) < 0:
+        raise UrtError(f"limit must be >= 0, got {limit}")
     total = _source_total(shards)
+    if limit is not None and total is not None:
+        total = min(total, int(limit))
     bar = None
     if progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -360,9 +366,15 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
                 reason = "other_task"
             elif s.label == "tie":
                 reason = "tie"
-            if reason is not None or s.key in done:
-                if reason is not None:
-                    skip(reason, s.task, s.key)
+            if reason is not None:
+                skip(reason, s.task, s.key)
+                if bar is not None:
+                    bar.advance(bar_task, 1)
+                continue
+            if limit is not None and taken >= limit:
+                break
+            taken += 1
+            if s.key in done:  # judged by an earlier run
                 if bar is not None:
                     bar.advance(bar_task, 1)
                 continue

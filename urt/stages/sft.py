@@ -84,9 +84,17 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 
 def _forward_takes(model, name: str) -> bool:
     try:
-        return name in inspect.signature(model.forward).parameters
+        ok = name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return False
+    if ok and name == "logits_to_keep":
+        # a boolean-mask logits_to_keep raises IndexError in the Qwen2.5-VL forward of transformers 5.17
+        # (seen on a GPU machine); 5.24 is the version urt is tested with: older ones get full logits
+        import transformers
+        from packaging.version import Version
+
+        ok = Version(transformers.__version__) >= Version("5.24")
+    return ok
 
 
 def _num_batches(dm) -> int | None:
@@ -147,6 +155,15 @@ class SFTModule(L.LightningModule):
         self._t_last: float | None = None
         self._tokens = 0
         self.schedule_steps: int | None = None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning refuses norm clipping through gradient_clip_val under FSDP: the sharded module clips itself
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------------------------------- steps
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,186 @@
+"""The demo: its data from easy-vqa (all four tasks, split by image), the report, and `urt demo demo=smoke`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from urt.data.schema import TASKS, Video
+from urt.demo.data import COLORS, SHAPES, build_demo_data, demo_samples, image_attributes, moving_clip, split_data
+from urt.demo.report import build_report, checks, markdown, plot
+from urt.errors import UrtError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_attributes_come_from_the_images_own_qa_pairs():
+    attrs, skipped = image_attributes("test")
+    paths, qa = split_data("test")
+    assert len(attrs) + sum(skipped.values()) == len(paths)
+    assert len(attrs) > 600
+    for q, a, i in qa:
+        if i in attrs and q == "what color is the shape?":
+            assert attrs[i]["color"] == a
+        if i in attrs and q == "what shape is in the image?":
+            assert attrs[i]["shape"] == a
+    assert {a["color"] for a in attrs.values()} == set(COLORS)
+    assert {a["shape"] for a in attrs.values()} == set(SHAPES)
+
+
+def _centroid(img) -> np.ndarray:
+    a = np.asarray(img).astype(int)
+    fg = np.abs(a - a[0, 0]).sum(-1) > 60
+    ys, xs = np.nonzero(fg)
+    return np.array([xs.mean(), ys.mean()])
+
+
+@pytest.mark.parametrize("direction,axis,sign", [("left", 0, -1), ("right", 0, 1), ("up", 1, -1), ("down", 1, 1)])
+def test_clip_moves_the_shape_in_its_direction(direction, axis, sign):
+    from urt.demo.data import load_image
+
+    attrs, _ = image_attributes("train")
+    img = load_image("train", sorted(attrs)[3])
+    frames = moving_clip(img, direction, frames=4, step=6)
+    c = [_centroid(f) for f in frames]
+    moves = [sign * (c[k + 1][axis] - c[k][axis]) for k in range(3)]
+    assert all(m > 3 for m in moves), moves
+    assert all(abs(c[k + 1][1 - axis] - c[k][1 - axis]) < 1.5 for k in range(3))
+    with pytest.raises(UrtError, match="direction"):
+        moving_clip(img, "sideways")
+
+
+def test_pairs_of_every_task_are_consistent_and_position_balanced():
+    samples = list(demo_samples("train", 40, seed=3))
+    by_task = Counter(s.task for s in samples)
+    assert by_task == {t: 40 for t in TASKS}
+    assert 0.35 < sum(s.label == 1 for s in samples) / len(samples) < 0.65
+    for s in samples:
+        at = s.meta["attributes"]
+        if s.task.endswith("generation"):
+            good, bad = at["candidates"][s.label - 1], at["candidates"][2 - s.label]
+            assert good == at["asks"] and bad != at["asks"]
+            assert s.caption.startswith(f"a {at['asks']['color']} {at['asks']['shape']}")
+            assert len(s.visuals) == 2
+        else:
+            seen, right = at["seen"], s.answers[s.label - 1]
+            wrong = s.answers[2 - s.label]
+            assert right != wrong
+            if right in COLORS:
+                assert right == seen["color"]
+            elif right in SHAPES:
+                assert right == seen["shape"]
+            assert "not" not in s.question.split()  # negated easy-vqa questions are left out
+        if s.task.startswith("video"):
+            assert all(isinstance(v, Video) and len(v.frames) == 4 and v.frames[0].size == (84, 84) for v in s.visuals)
+        else:
+            assert all(v.size == (112, 112) for v in s.visuals)
+
+
+def test_test_pairs_use_only_test_images():
+    train_ids = set(image_attributes("train")[0])
+    test_ids = set(image_attributes("test")[0])
+    for s in demo_samples("test", 30):
+        assert set(s.meta["image_ids"]) <= test_ids
+    # easy-vqa numbers each split's images from 0: the split is what keeps them apart
+    assert all(s.source == "easy-vqa/test" for s in demo_samples("test", 5))
+    assert train_ids and test_ids
+
+
+def test_build_writes_shards_and_reuses_a_finished_build(tmp_path):
+    from urt.data.shards import read_shards
+
+    s1 = build_demo_data(tmp_path, train_per_task=3, test_per_task=2, progress=False)
+    assert s1["splits"]["train"]["tasks"] == {t: 3 for t in TASKS}
+    got = list(read_shards(tmp_path / "test"))
+    assert len(got) == 8 and {s.task for s in got} == set(TASKS)
+    mtime = (tmp_path / "train" / "demo-000000.tar").stat().st_mtime_ns
+    assert build_demo_data(tmp_path, train_per_task=3, test_per_task=2, progress=False) == s1
+    assert (tmp_path / "train" / "demo-000000.tar").stat().st_mtime_ns == mtime
+    with pytest.raises(UrtError, match="other settings"):
+        build_demo_data(tmp_path, train_per_task=4, test_per_task=2, progress=False)
+
+
+def test_rule_teacher_cot_agrees_with_the_label_on_demo_pairs():
+    from urt.prompts import answer_string, parse_output
+    from urt.stages.distill import RuleTeacher
+
+    t = RuleTeacher(dimensions=1)
+    for s in demo_samples("train", 10):
+        cot = t.write(s)
+        j = parse_output(cot, s.task)
+        assert j.format_ok and j.answer == answer_string(s.task, s.label)
+        assert cot.count("/10)") == 2  # one dimension: two scores
+        desc = "shows a" if s.task.endswith("generation") else "shows a"
+        assert desc in cot
+
+
+def _stage(acc, fmt=1.0):
+    return {"overall": acc, "format_rate": fmt, "answer_1_rate": 0.5, "gold_1_rate": 0.5,
+            "tasks": {t: acc for t in TASKS}}
+
+
+def _results(accs):
+    return {"stages": {name: {**_stage(a), "modes": {"cot": {"shards": _stage(a)}, "implicit": {"shards": _stage(0.6)}}}
+                       for name, a in accs.items()}}
+
+
+def test_report_files_and_checks(tmp_path):
+    grpo = tmp_path / "grpo" / "csv"
+    grpo.mkdir(parents=True)
+    (grpo / "metrics.csv").write_text("epoch,step,train/reward,train/rewards/accuracy,train/rewards/format\n"
+                                      "0,0,1.0,0.25,0.75\n0,1,1.5,0.5,1.0\n")
+    for d in ("base", "grpo"):
+        (tmp_path / d).mkdir(exist_ok=True)
+        (tmp_path / d / "DONE").write_text(json.dumps({"seconds": 12.5}))
+    res = _results({"base": 0.0, "cold_start": 0.4, "rejection_sampling": 0.7, "grpo": 0.72})
+    rep = build_report(tmp_path, res)
+    assert list(rep["stages"]) == ["base", "cold_start", "rejection_sampling", "grpo"]
+    assert rep["stages"]["grpo"]["tasks"]["video_generation"] == 0.72
+    assert rep["implicit"]["base"]["overall"] == 0.6
+    assert rep["grpo_curve"] == [{"step": 1, "reward": 1.0, "accuracy": 0.25, "format": 0.75},
+                                 {"step": 2, "reward": 1.5, "accuracy": 0.5, "format": 1.0}]
+    assert rep["seconds"] == {"base": 12.5, "grpo": 12.5}
+    assert rep["checks"] == {"rejection_sampling_above_cold_start": True, "grpo_at_or_above_rejection_sampling": True,
+                             "format_rate_after_rejection_sampling_at_least_0.95": True,
+                             "final_overall_at_least_0.80": False}
+    md = markdown(rep)
+    assert "| grpo | 72.0 | 100.0 |" in md and "final overall at least 0.80: NO" in md
+    png = plot(rep, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert checks({"cold_start": _stage(0.5), "rejection_sampling": _stage(0.4)})[
+        "rejection_sampling_above_cold_start"] is False
+
+
+@pytest.mark.slow
+def test_demo_smoke_end_to_end(tmp_path, capsys):
+    from urt.cli import main
+
+    assert main(["demo", "demo=smoke", f"paths.runs={tmp_path}"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    path = Path(out[-1])
+    assert path == tmp_path / "demo_smoke" / "report.json"
+    rep = json.loads(path.read_text())
+    assert set(rep["stages"]) == {"base", "cold_start", "rejection_sampling", "grpo"}
+    for s in rep["stages"].values():
+        assert set(s["tasks"]) == set(TASKS)
+        assert 0.0 <= s["overall"] <= 1.0 and 0.0 <= s["format_rate"] <= 1.0
+    assert set(rep["implicit"]) == set(rep["stages"])
+    assert (path.parent / "report.md").is_file() and (path.parent / "report.png").is_file()
+    assert len(rep["grpo_curve"]) == 2
+    # a re-run skips every finished step and evaluation and writes the same table
+    assert main(["demo", "demo=smoke", f"paths.runs={tmp_path}"]) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier: skipped") == 8
+    assert json.loads(path.read_text())["stages"] == rep["stages"]

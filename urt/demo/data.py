@@ -1,0 +1,355 @@
+"""The demo's preference data: all four tasks built from easy-vqa's real images (a PyPI package).
+
+easy-vqa ships 5,000 real 64x64 images of one coloured shape each (4,000 train, 1,000 test) with ~48k
+question/answer pairs. Each image's attributes (colour, shape) are read off its own QA pairs
+("what color is the shape?" -> colour, "what shape is in the image?" -> shape); images whose pairs do
+not name both are counted and left out. Pairs are built per split from that split's images only (test
+pairs use test images), so held-out evaluation never sees a training image:
+
+| task | built from |
+|---|---|
+| image_understanding | an easy-vqa question about the image: its answer vs a wrong one of the same kind (another colour / shape, yes vs no); negated questions ("does the image not contain…") are left out |
+| image_generation | "a {colour} {shape}" + the image vs an image that differs in colour, shape or both |
+| video_understanding | a clip of the image's shape moving left/right/up/down; asks the direction, colour or shape |
+| video_generation | "a {colour} {shape} moving {direction}" + that clip vs a clip differing in colour, shape or direction |
+
+The preferred candidate's position is drawn per pair (seeded), so a constant verdict scores 0.5.
+`meta["attributes"]` records what the rule teacher (urt.stages.distill.RuleTeacher) needs to write
+paper-format CoT that states what each candidate shows and what the prompt asks; `meta["describe"]` is the
+visual-grounding target ("Image 1 shows a red circle. Image 2 shows …", SampleEncoder target "describe").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from urt.data.schema import Sample, Video
+from urt.errors import UrtError
+
+log = logging.getLogger(__name__)
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+MOTIONS = ("left", "right", "up", "down")
+_SHIFT = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+_NEGATED = re.compile(r"\b(not|no)\b")
+
+
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError as e:  # pragma: no cover - a dependency of the demo
+        raise UrtError("the demo data needs the easy-vqa package: pip install easy-vqa") from e
+    return easy_vqa
+
+
+@lru_cache(maxsize=2)
+def split_data(split: str) -> tuple[dict[int, str], list[tuple[str, str, int]]]:
+    """({image id: png path}, [(question, answer, image id)]) of easy-vqa's `split` (train | test)."""
+    ev = _easy_vqa()
+    if split == "train":
+        paths, (qs, ans, ids) = ev.get_train_image_paths(), ev.get_train_questions()
+    elif split == "test":
+        paths, (qs, ans, ids) = ev.get_test_image_paths(), ev.get_test_questions()
+    else:
+        raise UrtError(f"easy-vqa split must be train or test, got {split!r}")
+    return dict(paths), list(zip(qs, ans, ids))
+
+
+def image_attributes(split: str) -> tuple[dict[int, dict[str, str]], Counter]:
+    """{image id: {"color": c, "shape": s}} from the split's QA pairs, and counts of images left out."""
+    paths, qa = split_data(split)
+    seen: dict[int, dict[str, str]] = {}
+    for q, a, i in qa:
+        q = q.lower().strip()
+        words = set(re.findall(r"[a-z]+", q))
+        if a in ("yes", "no") and (a == "yes") != bool(_NEGATED.search(q)):  # the named attribute is present
+            for c in words & set(COLORS):
+                seen.setdefault(i, {})["color"] = c
+            for sh in words & set(SHAPES):
+                seen.setdefault(i, {})["shape"] = sh
+        elif q.startswith("what color") and a in COLORS:
+            seen.setdefault(i, {})["color"] = a
+        elif (q.startswith("what shape") or q.startswith("what is the")) and a in SHAPES:
+            seen.setdefault(i, {})["shape"] = a
+            m = re.match(r"what is the (\w+) shape", q)
+            if m and m.group(1) in COLORS:
+                seen[i]["color"] = m.group(1)
+    skipped: Counter = Counter()
+    out = {}
+    for i in sorted(paths):
+        at = seen.get(i, {})
+        if "color" in at and "shape" in at:
+            out[i] = {"color": at["color"], "shape": at["shape"]}
+        else:
+            skipped["attributes_not_named_by_qa"] += 1
+    return out, skipped
+
+
+def load_image(split: str, image_id: int) -> Image.Image:
+    paths, _ = split_data(split)
+    with Image.open(paths[image_id]) as im:
+        return im.convert("RGB")
+
+
+def moving_clip(img: Image.Image, direction: str, frames: int = 4, step: int = 6) -> list[Image.Image]:
+    """`frames` frames of the image's content translated `step` px per frame in `direction` (centred on
+    the original position), the uncovered border filled with the background colour (corner pixel)."""
+    if direction not in _SHIFT:
+        raise UrtError(f"direction must be one of {MOTIONS}, got {direction!r}")
+    a = np.asarray(img.convert("RGB"))
+    h, w, _ = a.shape
+    bg = a[0, 0]
+    dx, dy = _SHIFT[direction]
+    out = []
+    for f in range(frames):
+        off = int(round((f - (frames - 1) / 2) * step))
+        ox, oy = dx * off, dy * off
+        canvas = np.empty_like(a)
+        canvas[:] = bg
+        src = a[max(0, -oy):h - max(0, oy), max(0, -ox):w - max(0, ox)]
+        canvas[max(0, oy):max(0, oy) + src.shape[0], max(0, ox):max(0, ox) + src.shape[1]] = src
+        out.append(Image.fromarray(canvas))
+    return out
+
+
+def _describe(at: dict[str, str]) -> str:
+    text = f"a {at['color']} {at['shape']}"
+    return text + (f" moving {at['motion']}" if "motion" in at else "")
+
+
+def _describe_pair(noun: str, cands: list[dict[str, str]]) -> str:
+    """The grounding target of a generation pair (SampleEncoder target "describe"), worded as the rule
+    teacher's CoT opens: "Image 1 shows a red circle. Image 2 shows a blue triangle." """
+    return " ".join(f"{noun} {k} shows {_describe(c)}." for k, c in enumerate(cands, 1))
+
+
+@dataclass
+class _Pool:
+    """The images of one split grouped by attributes, for drawing non-matching candidates."""
+
+    attrs: dict[int, dict[str, str]]
+
+    def __post_init__(self) -> None:
+        self.ids = sorted(self.attrs)
+        self.by: dict[tuple[str, str], list[int]] = {}
+        for i in self.ids:
+            self.by.setdefault((self.attrs[i]["color"], self.attrs[i]["shape"]), []).append(i)
+
+    def draw(self, rng: random.Random, color: str, shape: str) -> int | None:
+        ids = self.by.get((color, shape))
+        return rng.choice(ids) if ids else None
+
+
+def _differ(rng: random.Random, at: dict[str, str], kinds: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    kind = rng.choice(kinds)
+    other = dict(at)
+    if kind in ("color", "both"):
+        other["color"] = rng.choice([c for c in COLORS if c != at["color"]])
+    if kind in ("shape", "both"):
+        other["shape"] = rng.choice([s for s in SHAPES if s != at["shape"]])
+    if kind == "motion":
+        other["motion"] = rng.choice([m for m in MOTIONS if m != at["motion"]])
+    return kind, other
+
+
+def _place(rng: random.Random, good, bad) -> tuple[int, list]:
+    """(label, [candidate 1, candidate 2]) with the preferred one at a random position."""
+    return (1, [good, bad]) if rng.random() < 0.5 else (2, [bad, good])
+
+
+def _understanding_qas(split: str, attrs: dict[int, dict[str, str]]) -> list[tuple[str, str, str, int]]:
+    """(question, right answer, wrong answer, image id) from easy-vqa's own QA pairs (negations left out)."""
+    _, qa = split_data(split)
+    out = []
+    for q, a, i in qa:
+        if i not in attrs or _NEGATED.search(q):
+            continue
+        if a in COLORS:
+            wrong_pool = [c for c in COLORS if c != a]
+        elif a in SHAPES:
+            wrong_pool = [s for s in SHAPES if s != a]
+        elif a in ("yes", "no"):
+            wrong_pool = ["no" if a == "yes" else "yes"]
+        else:
+            continue
+        out.append((q, a, "|".join(wrong_pool), i))
+    return out
+
+
+def _asks(question: str, answer: str) -> str:
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    if answer in COLORS or "color" in words or words & set(COLORS):
+        return "color"
+    return "shape"
+
+
+def demo_samples(split: str, n_per_task: int, *, seed: int = 0, frames: int = 4, step: int = 6,
+                 image_size: int = 112, video_size: int = 84, tasks: tuple[str, ...] | None = None,
+                 stats: Counter | None = None) -> Iterator[Sample]:
+    """`n_per_task` pairs of each task from easy-vqa's `split`, interleaved task by task (seeded).
+    Images are resized to `image_size`² and video frames to `video_size`² (multiples of 28 keep every
+    Qwen2.5-VL patch: 112 px = 16 visual tokens per image, 84 px = 9 per two frames)."""
+    from urt.data.schema import TASKS
+
+    tasks = tuple(tasks or TASKS)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UrtError(f"unknown task(s) {bad}; known: {', '.join(TASKS)}")
+    if n_per_task < 0:
+        raise UrtError(f"n_per_task must be >= 0, got {n_per_task}")
+    attrs, skipped = image_attributes(split)
+    if stats is not None:
+        stats.update(skipped)
+    if not attrs:
+        raise UrtError(f"easy-vqa {split}: no image has both a colour and a shape named by its QA pairs")
+    pool = _Pool(attrs)
+    qas = _understanding_qas(split, attrs)
+    rng = random.Random(f"urt-demo:{split}:{seed}")
+    sizes = (int(image_size), int(video_size))
+    gens = {t: _task_stream(t, split, pool, qas, rng, frames, step, sizes) for t in tasks}
+    made = Counter()
+    while any(made[t] < n_per_task for t in tasks):
+        for t in tasks:
+            if made[t] < n_per_task:
+                made[t] += 1
+                yield next(gens[t])
+
+
+def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[Sample]:
+    isz, vsz = sizes
+
+    def image(i: int) -> Image.Image:
+        return load_image(split, i).resize((isz, isz), Image.BICUBIC)
+
+    def clip(i: int, motion: str) -> Video:
+        # move at the source resolution (whole pixels), then resize each frame
+        return Video(frames=[f.resize((vsz, vsz), Image.BICUBIC)
+                             for f in moving_clip(load_image(split, i), motion, frames, step)])
+
+    n = 0
+    while True:
+        n += 1
+        key = f"evqa-{split}-{task}-{n:06d}"
+        if task == "image_generation":
+            i = rng.choice(pool.ids)
+            at = pool.attrs[i]
+            for _ in range(20):
+                kind, want = _differ(rng, at, ("color", "shape", "both"))
+                j = pool.draw(rng, want["color"], want["shape"])
+                if j is not None:
+                    break
+            else:  # pragma: no cover - every colour/shape combination exists in both splits
+                continue
+            label, cands = _place(rng, i, j)
+            ca = [pool.attrs[c] for c in cands]
+            yield Sample(key=key, task=task, label=label, caption=_describe(at),
+                         visuals=[image(c) for c in cands], source=f"easy-vqa/{split}",
+                         meta={"attributes": {"asks": dict(at), "candidates": ca}, "differs_in": kind,
+                               "image_ids": cands, "describe": _describe_pair("Image", ca)})
+        elif task == "image_understanding":
+            q, a, wrong, i = rng.choice(qas)
+            w = rng.choice(wrong.split("|"))
+            label, answers = _place(rng, a, w)
+            yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
+                         visuals=[image(i)], source=f"easy-vqa/{split}",
+                         meta={"attributes": {"seen": dict(pool.attrs[i]), "asks": _asks(q, a)}, "image_ids": [i],
+                               "describe": f"The image shows {_describe(pool.attrs[i])}."})
+        elif task == "video_understanding":
+            i = rng.choice(pool.ids)
+            at = dict(pool.attrs[i], motion=rng.choice(MOTIONS))
+            kind = rng.choice(("motion", "color", "shape"))
+            if kind == "motion":
+                q, a = "in which direction does the shape move?", at["motion"]
+                w = rng.choice([m for m in MOTIONS if m != a])
+            elif kind == "color":
+                q, a = "what color is the moving shape?", at["color"]
+                w = rng.choice([c for c in COLORS if c != a])
+            else:
+                q, a = "what shape is moving?", at["shape"]
+                w = rng.choice([s for s in SHAPES if s != a])
+            label, answers = _place(rng, a, w)
+            yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
+                         visuals=[clip(i, at["motion"])], source=f"easy-vqa/{split}",
+                         meta={"attributes": {"seen": at, "asks": kind}, "image_ids": [i],
+                               "describe": f"The video shows {_describe(at)}."})
+        elif task == "video_generation":
+            i = rng.choice(pool.ids)
+            at = dict(pool.attrs[i], motion=rng.choice(MOTIONS))
+            for _ in range(20):
+                kind, want = _differ(rng, at, ("color", "shape", "motion"))
+                j = i if kind == "motion" else pool.draw(rng, want["color"], want["shape"])
+                if j is not None:
+                    break
+            else:  # pragma: no cover
+                continue
+            good, bad = clip(i, at["motion"]), clip(j, want["motion"])
+            label, cands = _place(rng, good, bad)
+            ca = [at, want] if label == 1 else [want, at]
+            yield Sample(key=key, task=task, label=label, caption=_describe(at), visuals=cands,
+                         source=f"easy-vqa/{split}",
+                         meta={"attributes": {"asks": dict(at), "candidates": [dict(c) for c in ca]},
+                               "differs_in": kind, "image_ids": [i, j] if label == 1 else [j, i],
+                               "describe": _describe_pair("Video", ca)})
+        else:  # pragma: no cover - checked by demo_samples
+            raise UrtError(f"unknown task {task!r}")
+
+
+def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, seed: int = 0,
+                    frames: int = 4, step: int = 6, image_size: int = 112, video_size: int = 84,
+                    progress: bool = True, overwrite: bool = False) -> dict:
+    """Write `out_dir/train` (easy-vqa train images) and `out_dir/test` (test images) shard sets and
+    `out_dir/summary.json`; returns the summary. A finished build (summary.json with the same settings)
+    is reused."""
+    from urt.data.shards import write_shards
+
+    out = Path(out_dir)
+    settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "seed": seed, "frames": frames,
+                "step": step, "image_size": image_size, "video_size": video_size, "version": 2}
+    summary_path = out / "summary.json"
+    if summary_path.exists() and not overwrite:
+        try:
+            old = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as e:
+            raise UrtError(f"{summary_path} is not valid JSON ({e}); delete {out} to rebuild") from e
+        if old.get("settings") == settings:
+            return old
+        raise UrtError(f"{out} holds demo data built with other settings ({old.get('settings')}); "
+                       f"pick another directory or delete it")
+    summary: dict = {"settings": settings, "splits": {}}
+    for split, n in (("train", train_per_task), ("test", test_per_task)):
+        stats: Counter = Counter()
+        counts: Counter = Counter()
+        labels: Counter = Counter()
+
+        def counted(it):
+            for s in it:
+                counts[s.task] += 1
+                labels[s.label] += 1
+                yield s
+
+        samples = counted(demo_samples(split, n, seed=seed, frames=frames, step=step, image_size=image_size,
+                                          video_size=video_size, stats=stats))
+        if progress:
+            from rich.progress import track
+
+            samples = track(samples, total=4 * n, description=f"demo data ({split})", transient=True)
+        write_shards(samples, out / split, prefix="demo", maxcount=500, overwrite=True)
+        summary["splits"][split] = {"pairs": sum(counts.values()), "tasks": dict(counts),
+                                    "labels": {str(k): v for k, v in labels.items()},
+                                    "images_left_out": dict(stats)}
+        if stats:
+            log.info("easy-vqa %s: %s image(s) left out (%s)", split, sum(stats.values()), dict(stats))
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
