@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -449,7 +450,10 @@ def run_trl(args, model_dir: Path, dataset, trainable: set[str], vision_ids: lis
             return original_backward(loss, *a, **kw)
 
     trainer.accelerator.backward = backward
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # save_strategy="no": nothing of value in it
     if len(probe.steps) != n_steps:
         raise RuntimeError(f"TRL ran {len(probe.steps)} steps, expected {n_steps}")
     if profile:

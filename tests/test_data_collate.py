@@ -299,3 +299,17 @@ def test_left_padded_generation_equals_single(family):
             single = left([e])
             alone = b.model.generate(**model_inputs(single), **gen)[:, single["input_ids"].shape[1]:]
             assert out[i].tolist() == alone[0].tolist()
+
+
+def test_auto_packs_only_under_flash_attention():
+    from urt.data.collate import PackedCollator, PaddedCollator, make_collator, packing_pays
+
+    bundle = build_tiny("qwen2_5_vl")
+    assert bundle.model.config._attn_implementation == "sdpa"
+    assert not packing_pays(bundle)
+    assert isinstance(make_collator("auto", bundle), PaddedCollator)
+    bundle.model.config._attn_implementation = "flash_attention_2"  # what load_model picks on CUDA with flash-attn
+    assert packing_pays(bundle)
+    assert isinstance(make_collator("auto", bundle), PackedCollator)
+    with pytest.raises(UrtError, match="'auto', 'padded' or 'packed'"):
+        make_collator("ragged", bundle)

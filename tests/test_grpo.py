@@ -467,3 +467,19 @@ def test_grouped_advantages_over_valid_slots():
             assert torch.allclose(adv[[0, 2]], group_advantages(torch.tensor([1.0, 2.0]), 2, mode))
     adv, zv, ok = grouped_advantages(r, torch.tensor([True, False, False, True, True, True]), 3, "paper")
     assert ok.tolist() == [False, True] and adv[:3].eq(0).all()
+
+
+def test_solution_strings_and_ties():
+    from urt.data.encode import Encoded
+    from urt.stages.grpo import solution_string
+
+    def enc(label, task="image_generation", ts="paper"):
+        ids = torch.tensor([1, 2, 3])
+        return Encoded(key="k", task=task, label=label, input_ids=ids, labels=ids.clone(), visual={},
+                       mm_token_type_ids=None, prompt_length=3, meta={"template_set": ts})
+
+    assert solution_string(enc(2)) == "Image 2 is better"
+    assert solution_string(enc(1, "video_understanding")) == "Answer 1 is better"
+    assert solution_string(enc("tie", ts="implicit")) == "Both images are equally good"
+    assert solution_string(enc("tie")) is None  # CoT prompts have no tie answer: the prompt is left out
+    assert solution_string(enc("tie", "image_understanding", "implicit")) is None

@@ -18,7 +18,6 @@ from urt.data.schema import Sample
 from urt.data.shards import read_index, read_shards, write_shards
 from urt.errors import UrtError
 from urt.prompts import answer_string, default_template_set
-from urt.stages import rejection
 from urt.stages.rejection import rejection_sample
 
 IG, IU = "image_generation", "image_understanding"

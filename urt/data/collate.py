@@ -242,13 +242,25 @@ def _pad_id(bundle) -> int:
     return int(pad)
 
 
+def packing_pays(bundle) -> bool:
+    """Whether packing is the faster layout for this model: only with flash-attention's variable-length
+    kernels. With sdpa/eager, transformers attends over a packed row through a dense block-diagonal mask,
+    (sum of lengths)^2 instead of the sum of squares: measured on CPU (benchmarks/grpo_vs_trl.py), a packed
+    GRPO step was 2x slower than the padded one with identical log-probs."""
+    impl = getattr(getattr(bundle.model, "config", None), "_attn_implementation", None) or ""
+    return str(impl).startswith("flash")
+
+
 def make_collator(kind: str, bundle, *, padding_side: str = "right"):
     """"padded" -> PaddedCollator; "packed" -> PackedCollator, or (for a family whose packing leaks,
-    e.g. qwen3_5) a warning, once per family, and a right/`padding_side` PaddedCollator."""
+    e.g. qwen3_5) a warning, once per family, and a right/`padding_side` PaddedCollator; "auto" ->
+    packed under flash-attention, padded otherwise (`packing_pays`)."""
+    if kind == "auto":
+        kind = "packed" if packing_pays(bundle) else "padded"
     if kind == "padded":
         return PaddedCollator(_pad_id(bundle), padding_side=padding_side)
     if kind != "packed":
-        raise UrtError(f"unknown collator kind {kind!r}; use 'padded' or 'packed'")
+        raise UrtError(f"unknown collator kind {kind!r}; use 'auto', 'padded' or 'packed'")
     spec = bundle.spec
     if not spec.packing_safe:
         if bundle.family not in _WARNED:

@@ -79,7 +79,7 @@ from urt.errors import UrtError
 log = logging.getLogger(__name__)
 
 ORDERS = ("keep", "random", "both")
-COLLATE_KINDS = ("padded", "packed")
+COLLATE_KINDS = ("auto", "padded", "packed")
 STATE_VERSION = 1
 # Reasons the data module adds to urt.data.shards.REASONS.
 REASONS = {
@@ -392,7 +392,8 @@ class RewardDataModule(L.LightningDataModule):
         batch_size: samples per batch (packed: at most this many samples per packed row).
         max_tokens_per_batch: packed only: the token budget of one packed row (greedy over consecutive
             samples; a sample longer than the budget is counted "overlong").
-        collate: "padded" | "packed" (falls back to padded, with a warning, for families that cannot pack).
+        collate: "padded" | "packed" (falls back to padded, with a warning, for families that cannot pack) |
+            "auto" (resolved in `attach`: packed under flash-attention, padded otherwise — urt.data.collate.packing_pays).
         padding_side: "right" (training, scoring) | "left" (generation).
         num_workers, prefetch_factor, pin_memory: DataLoader options.
         shuffle_buffer: samples in the shuffle buffer (train only; shards are always shuffled per epoch
@@ -475,6 +476,10 @@ class RewardDataModule(L.LightningDataModule):
         from urt.data.collate import make_collator
 
         self.bundle = bundle
+        if self.collate == "auto":
+            from urt.data.collate import packing_pays
+
+            self.collate = "packed" if packing_pays(bundle) else "padded"
         self.collator = make_collator(self.collate, bundle, padding_side=self.padding_side)
         self.encoder = SampleEncoder(bundle.processor, bundle.family, template_set=self.template_set, mode=self.mode,
                                      target=self.target, max_length=self.max_length)

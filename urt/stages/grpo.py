@@ -143,6 +143,17 @@ def grouped_advantages(rewards: torch.Tensor, valid: torch.Tensor, G: int, mode:
     return adv.flatten(), zero_var, usable
 
 
+def solution_string(prompt: Encoded) -> str | None:
+    """The answer string a completion is rewarded against: the label's (a tie's only under the implicit
+    prompts, the one set that offers a tie; None otherwise)."""
+    from urt.prompts import TIE_STRINGS, answer_string
+
+    if prompt.label == "tie":
+        implicit = (prompt.meta or {}).get("template_set") == "implicit"
+        return TIE_STRINGS.get(prompt.task) if implicit else None
+    return answer_string(prompt.task, int(prompt.label))
+
+
 def pad_rows(rows: Sequence[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     width = max(int(r.shape[0]) for r in rows)
     return torch.stack([F.pad(r, (0, width - int(r.shape[0])), value=value) for r in rows])
@@ -298,6 +309,7 @@ class GRPOModule(L.LightningModule):
         self.rollout_dir = Path(rollout_dir) if rollout_dir else None
         self.rollout_table_rows = int(rollout_table_rows or 0)  # rows of the per-step wandb Table
         self.visual_cache = bool(visual_cache)  # encode visuals once per step (frozen vision tower only)
+        self.skipped_ties = 0  # tie prompts left out (CoT prompts have no tie answer)
         if self.G < 2:
             raise UrtError(f"num_generations must be >= 2 (a group of 1 has no advantage), got {self.G}")
         if self.mu < 1 or self.num_mini_batches < 1 or self.micro_batch_size < 1:
@@ -323,6 +335,13 @@ class GRPOModule(L.LightningModule):
         from urt.generation import GenerationConfig, generate
 
         prompts: list[Encoded] = batch["prompts"]
+        # a tie has an answer only in the implicit prompts; under CoT prompts it cannot be rewarded: counted out
+        ties = [p for p in prompts if solution_string(p) is None]
+        if ties:
+            self.skipped_ties += len(ties)
+            log.warning("GRPO: %d tie prompt(s) have no CoT answer to reward and are left out (%d so far; first: %r)",
+                        len(ties), self.skipped_ties, ties[0].key)
+            prompts = [p for p in prompts if solution_string(p) is not None]
         G, step = self.G, self.rollout_step + 1
         self._step_in_progress = step
         t0 = time.perf_counter()
@@ -400,6 +419,8 @@ class GRPOModule(L.LightningModule):
         # 5. metrics and the rollout table
         loss = torch.tensor(sum(losses) / len(losses) if losses else float("nan"))
         metrics = self._metrics(prompts, ids, scores, rewards, valid, zero_var, usable, stats, times=(t0, t1, t2, t3))
+        if self.skipped_ties:
+            metrics["train/skipped_tie_prompts"] = float(self.skipped_ties)
         if losses:  # (every group filtered out: no update, no loss)
             metrics["train/loss"] = loss
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(prompts))
@@ -409,13 +430,12 @@ class GRPOModule(L.LightningModule):
     def _score(self, prompts, texts, valid, step) -> dict[str, list[float]]:
         """`urt.rewards.score` of the valid completions, spread back over every slot (0 where invalid). A
         reward function that raises, or a non-finite reward, is a UrtError naming the reward and sample."""
-        from urt.prompts import answer_string
         from urt.rewards import get_reward, score
 
         G = self.G
         at = valid.nonzero().flatten().tolist()
         comps = [texts[i] for i in at]
-        sols = [answer_string(prompts[i // G].task, int(prompts[i // G].label)) for i in at]
+        sols = [solution_string(prompts[i // G]) for i in at]
         key = lambda i: f"{prompts[i // G].key}#{i % G}"  # noqa: E731 - the sample key (as in the sequences)
         try:
             got = score(comps, sols, self.reward_weights)
