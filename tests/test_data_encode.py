@@ -186,3 +186,34 @@ def test_encoder_pickles_for_workers(samples):
     a, b = enc(samples[3]), again(samples[3])
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
     assert torch.equal(a.visual["pixel_values_videos"], b.visual["pixel_values_videos"])
+
+
+def test_describe_target_trains_the_grounding_text():
+    from data_fixtures import vqa_image
+    from urt.data.encode import SampleEncoder
+    from urt.data.schema import Sample
+    from urt.errors import UrtError
+    from urt.models import build_tiny
+
+    b = build_tiny("qwen2_5_vl")
+    enc = SampleEncoder(b.processor, "qwen2_5_vl", target="describe")
+    s = Sample("g1", "image_generation", 2, [vqa_image(0), vqa_image(1)], caption="a red circle",
+               meta={"describe": "Image 1 shows a blue square. Image 2 shows a red circle."})
+    e = enc(s)
+    assert e.meta["template_set"] == "describe"
+    supervised = b.tokenizer.decode(e.input_ids[e.labels != -100])
+    assert supervised == "Image 1 shows a blue square. Image 2 shows a red circle.<|im_end|>"
+    assert "Describe Image 1 and Image 2." in b.tokenizer.decode(e.input_ids[: e.prompt_length])
+    s.meta = {}
+    try:
+        enc(s)
+    except UrtError as err:
+        assert "meta['describe']" in str(err) and "g1" in str(err)
+    else:
+        raise AssertionError("a sample without meta['describe'] must be refused")
+    try:
+        SampleEncoder(b.processor, "qwen2_5_vl", target="describe", template_set="paper")
+    except UrtError as err:
+        assert "describe" in str(err)
+    else:
+        raise AssertionError("target describe with another template set must be refused")

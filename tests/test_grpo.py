@@ -199,12 +199,26 @@ def test_resume_is_exact(tmp_path, shards):
     assert straight.losses[3] != 0
 
 
-TINY = {"qwen2_5_vl_7b": ("tiny_qwen2_5_vl", "qwen2_5_vl"), "llava_ov_7b": ("tiny_llava_onevision", "llava_onevision")}
+TINY = {"qwen2_5_vl_7b": ("tiny_qwen2_5_vl", "qwen2_5_vl"), "llava_ov_7b": ("tiny_llava_onevision", "llava_onevision"),
+        "qwen3_vl": ("tiny_qwen3_vl", "qwen3_vl"), "qwen3_5": ("tiny_qwen3_5", "qwen3_5")}
 
 
 def test_every_grpo_experiment_is_covered():
     shipped = sorted(p.parent.name for p in (CONF / "experiment").rglob("grpo.yaml"))
     assert shipped == sorted(TINY)
+
+
+@pytest.mark.parametrize("family_dir", ["qwen3_vl", "qwen3_5"])
+def test_qwen3_grpo_experiments_keep_the_qwen_recipe(family_dir):
+    from urt.config import compose_config
+
+    cfg = compose_config([exp(f"paper/{family_dir}/grpo")])
+    st = cfg.stage
+    assert (st.num_generations, st.beta, st.kl_estimator, st.top_p, st.max_new_tokens) == (8, 0.04, "k3", 0.95, 4096)
+    assert cfg.optimizer.lr == 1e-6 and cfg.model.family == TINY[family_dir][1]
+    assert cfg.model.name_or_path.endswith(f"rejection_sampling_{family_dir}/hf/final")
+    tiny = compose_config([exp(f"paper/{family_dir}/grpo"), f"model={TINY[family_dir][0]}"])
+    assert tiny.model.name_or_path.endswith(f"rejection_sampling_{family_dir}/hf/final")  # only the model swaps
 
 
 def test_paper_experiment_runs_with_tiny_model(tmp_path, shards):

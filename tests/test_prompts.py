@@ -39,7 +39,8 @@ from urt.prompts.render import URT_AUTHORED
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompts"
 PACKAGED = REPO / "urt" / "prompts" / "templates"
-COMBOS = [(s, t) for s, ts in available_templates().items() for t in ts]
+# The judging prompts (the `describe` set is urt's grounding prompt: no fields, no answer; tested on its own)
+COMBOS = [(s, t) for s, ts in available_templates().items() for t in ts if s != "describe"]
 COT_COMBOS = [(s, t) for s, t in COMBOS if s != "implicit"]
 
 FIELDS = {"caption": "a red {cube} on a table", "question": "What is it?", "answer1": "A cube.", "answer2": "A ball."}
@@ -54,7 +55,7 @@ def _needed(s, t):
 
 def test_constants():
     assert TASKS == ("image_generation", "video_generation", "image_understanding", "video_understanding")
-    assert TEMPLATE_SETS == ("paper", "qwen3", "implicit")
+    assert TEMPLATE_SETS == ("paper", "qwen3", "implicit", "describe")
     assert {s for pair in ANSWER_STRINGS.values() for s in pair} == {
         "Image 1 is better", "Image 2 is better", "Video 1 is better", "Video 2 is better",
         "Answer 1 is better", "Answer 2 is better",
@@ -472,7 +473,7 @@ def test_cli_list(capsys):
     for name in TEMPLATE_SETS + TASKS:
         assert name in out
     row = next(line for line in out.splitlines() if line.startswith("video_understanding"))
-    assert row.split()[1:] == ["yes", "yes", "yes"]
+    assert row.split()[1:] == ["yes", "yes", "yes", "yes"]
 
 
 def _cli_importable():
@@ -526,3 +527,13 @@ def test_real_processor_accepts_rendered_prompt(family):
         assert len(p.videos) == (1 if s == "qwen3" else 2)
         out = proc(text=[p.text], videos=p.videos, return_tensors="pt")
     assert out["input_ids"].shape[0] == 1
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_describe_prompts_render_and_encode_the_grounding_target(task):
+    """urt's grounding prompts: no fields; SampleEncoder target 'describe' trains meta['describe']."""
+    assert template_fields("describe", task) == ()
+    text = render_text("describe", task)
+    noun = "Video" if task.startswith("video") else "Image"
+    assert text == (f"Describe {noun} 1 and {noun} 2." if task.endswith("generation") else
+                    f"Describe the {noun.lower()}.")

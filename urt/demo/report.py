@@ -71,8 +71,9 @@ def build_report(pipe_dir: Path, results: dict, *, data_summary: dict | None = N
             stages[name] = cot
         if imp:
             implicit[name] = imp
-    seconds = {}
-    for d in sorted(Path(pipe_dir).iterdir()):
+    seconds = {}  # per step, in the order the steps finished
+    done_files = sorted(Path(pipe_dir).glob("*/DONE"), key=lambda p: p.stat().st_mtime)
+    for d in (p.parent for p in done_files):
         done = d / "DONE"
         if done.is_file():
             try:
