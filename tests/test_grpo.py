@@ -497,3 +497,20 @@ def test_solution_strings_and_ties():
     assert solution_string(enc("tie", ts="implicit")) == "Both images are equally good"
     assert solution_string(enc("tie")) is None  # CoT prompts have no tie answer: the prompt is left out
     assert solution_string(enc("tie", "image_understanding", "implicit")) is None
+
+
+def test_cli_train_stage_grpo_logs_rollouts(tmp_path, shards, capsys):
+    """`urt train stage=grpo ...` as users type it: the run writes its rollout table and final HF folder."""
+    from urt.cli import main
+
+    args = ["train", "stage=grpo", "trainer=cpu", "logger=csv", "model=tiny_qwen2_5_vl", f"paths.root={tmp_path}",
+            f"data.train_shards={shards}", "data.val_shards=null", "data.num_workers=0", "data.batch_size=2",
+            "data.min_pixels=null", "data.max_pixels=12544", "trainer.max_steps=1", "stage.num_generations=2",
+            "stage.max_new_tokens=8", "stage.run_name=cli_grpo"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "cli_grpo"
+    table = _rollouts(run, 1)
+    assert len(table["completion"]) == 4 and set(table["sample"]) == {0, 1}
+    assert {"reward", "advantage", "answer", "truncated", "reward_format", "reward_accuracy"} <= set(table)
+    assert (run / "hf" / "final" / "config.json").is_file()
+    assert "train/reward" in (run / "csv" / "metrics.csv").read_text()
