@@ -2,7 +2,8 @@
 
     urt pipeline experiment=paper/qwen2_5_vl_7b/pipeline
     urt pipeline experiment=paper/qwen2_5_vl_7b/no_cold_start paths.runs=/scratch/runs
-    urt pipeline experiment=paper/qwen2_5_vl_7b/pipeline model=tiny_qwen2_5_vl trainer.max_steps=2   # dry run
+    urt pipeline experiment=paper/qwen2_5_vl_7b/pipeline model=tiny_qwen2_5_vl trainer=cpu trainer.max_steps=2 \
+        stage.effective_batch_size=null sample.limit=8 "pipeline.eval.after=[]"                   # dry run
 """
 
 from __future__ import annotations
