@@ -22,6 +22,25 @@ def demo_overrides(overrides: list[str]) -> list[str]:
     return out if picked else ["+demo=default", *out]
 
 
+def _quiet() -> None:
+    """The demo prints its own progress: Lightning's start-up banners and these known-harmless warnings of
+    every stage (deprecations inside Lightning, a validation-free run, frozen-by-design eval-mode modules)
+    would bury it."""
+    import logging
+    import warnings
+
+    import importlib
+
+    importlib.import_module("lightning.pytorch")  # sets its loggers to INFO on import: import first, then quieten
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for msg in (".*LeafSpec.*", "Total length of .* across ranks is zero.*", r"Found \d+ module\(s\) in eval mode.*",
+                "You passed in a `val_dataloader` but have no `validation_step`.*",
+                "You have overridden `transfer_batch_to_device`.*", "Using ModelCheckpoint with manual optimization.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
 def _run(args: argparse.Namespace) -> int:
     import time
 
@@ -31,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     from urt.pipeline import run_pipeline
     from urt.pipeline_cli import stage_table
 
+    _quiet()
     console = Console()
     t0 = time.perf_counter()
     pipe, results = run_pipeline(demo_overrides(args.overrides), console_log=console.print)
