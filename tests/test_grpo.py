@@ -10,12 +10,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from data_fixtures import vqa_image
+from grpo_fixtures import grpo_cfg, write_grpo_prompts
 from urt.data.schema import Sample
-from urt.data.shards import write_shards
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 COLUMNS = {"step", "prompt_key", "group", "sample", "task", "label", "prompt", "completion", "reward_format",
@@ -31,31 +30,17 @@ def one_thread():
 
 
 def exp(name: str) -> str:
-    defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
-    groups = {next(iter(d)).split(" ")[-1] for d in defaults if isinstance(d, dict)}
-    return f"experiment={name}" if "experiment" in groups else f"+experiment={name}"
+    return f"experiment={name}"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """6 image-generation prompts (labels 1/2, no CoTs: GRPO needs none), 2 shards with index.json."""
-    d = tmp_path_factory.mktemp("grpo_shards")
-    out = [Sample(f"ig-{j}", "image_generation", 1 + j % 2, [vqa_image(2 * j + 1), vqa_image(2 * j + 2)],
-                  caption=f"picture {j}", source="fixture") for j in range(6)]
-    write_shards(out, d, maxcount=3)
-    return str(d)
+    return write_grpo_prompts(tmp_path_factory.mktemp("grpo_shards"))
 
 
 def _cfg(tmp_path, shards, *overrides, steps=1):
-    from urt.config import compose_config
-
-    base = ["stage=grpo", "trainer=cpu", "logger=csv", "model=tiny_qwen2_5_vl", f"paths.root={tmp_path}",
-            f"data.train_shards={shards}", "data.val_shards=null", "data.num_workers=0", "data.batch_size=2",
-            "data.max_length=4096", "data.min_pixels=null", "data.max_pixels=12544", "data.shuffle_buffer=4",
-            "data.on_error=raise", "data.order=random", f"trainer.max_steps={steps}", "stage.num_generations=3",
-            "stage.max_new_tokens=8", "stage.micro_batch_size=4", "stage.checkpoint.every_n_steps=1",
-            "optimizer.lr=1e-3", "scheduler=constant"]
-    return compose_config(base + list(overrides))
+    return grpo_cfg(tmp_path, shards, *overrides, steps=steps)
 
 
 class Recorder(Callback):

@@ -23,9 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_fixtures import vqa_image
-from urt.data.schema import Sample
-from urt.data.shards import write_shards
+from grpo_fixtures import grpo_cfg, write_grpo_prompts
 from urt.errors import UrtError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +45,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """6 image-generation prompts (labels 1/2), 2 shards."""
-    d = tmp_path_factory.mktemp("rollout_shards")
-    out = [Sample(f"ig-{j}", "image_generation", 1 + j % 2, [vqa_image(2 * j + 1), vqa_image(2 * j + 2)],
-                  caption=f"picture {j}", source="fixture") for j in range(6)]
-    write_shards(out, d, maxcount=3)
-    return str(d)
+    return write_grpo_prompts(tmp_path_factory.mktemp("rollout_shards"))
 
 
 @pytest.fixture
@@ -71,15 +65,7 @@ def wandb_env(monkeypatch):
 
 
 def _cfg(tmp_path, shards, *overrides, steps=1):
-    from urt.config import compose_config
-
-    base = ["stage=grpo", "trainer=cpu", "logger=csv", "model=tiny_qwen2_5_vl", f"paths.root={tmp_path}",
-            f"data.train_shards={shards}", "data.val_shards=null", "data.num_workers=0", "data.batch_size=2",
-            "data.max_length=4096", "data.min_pixels=null", "data.max_pixels=12544", "data.shuffle_buffer=4",
-            "data.on_error=raise", "data.order=random", f"trainer.max_steps={steps}", "stage.num_generations=3",
-            "stage.max_new_tokens=8", "stage.micro_batch_size=4", "stage.checkpoint.every_n_steps=1",
-            "optimizer.lr=1e-3", "scheduler=constant"]
-    return compose_config(base + list(overrides))
+    return grpo_cfg(tmp_path, shards, *overrides, steps=steps)
 
 
 def _train(cfg):

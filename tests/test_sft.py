@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from data_fixtures import vqa_image, vqa_question
@@ -35,14 +34,8 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def _root_groups(conf: Path) -> set[str]:
-    defaults = yaml.safe_load((conf / "config.yaml").read_text())["defaults"]
-    return {next(iter(d)).split(" ")[-1] for d in defaults if isinstance(d, dict)}
-
-
 def exp(name: str) -> str:
-    """`experiment=...` when the root defaults list has an experiment slot, else `+experiment=...`."""
-    return f"experiment={name}" if "experiment" in _root_groups(CONF) else f"+experiment={name}"
+    return f"experiment={name}"  # the root defaults list has an experiment slot
 
 
 @pytest.fixture(scope="module")

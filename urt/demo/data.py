@@ -169,22 +169,23 @@ def _place(rng: random.Random, good, bad) -> tuple[int, list]:
     return (1, [good, bad]) if rng.random() < 0.5 else (2, [bad, good])
 
 
-def _understanding_qas(split: str, attrs: dict[int, dict[str, str]]) -> list[tuple[str, str, str, int]]:
-    """(question, right answer, wrong answer, image id) from easy-vqa's own QA pairs (negations left out)."""
+def _understanding_qas(split: str, attrs: dict[int, dict[str, str]]) -> list[tuple[str, str, tuple[str, ...], int]]:
+    """(question, right answer, the wrong answers of its kind, image id) from easy-vqa's own QA pairs
+    (negations left out)."""
     _, qa = split_data(split)
     out = []
     for q, a, i in qa:
         if i not in attrs or _NEGATED.search(q):
             continue
         if a in COLORS:
-            wrong_pool = [c for c in COLORS if c != a]
+            wrong_pool = tuple(c for c in COLORS if c != a)
         elif a in SHAPES:
-            wrong_pool = [s for s in SHAPES if s != a]
+            wrong_pool = tuple(s for s in SHAPES if s != a)
         elif a in ("yes", "no"):
-            wrong_pool = ["no" if a == "yes" else "yes"]
+            wrong_pool = ("no" if a == "yes" else "yes",)
         else:
             continue
-        out.append((q, a, "|".join(wrong_pool), i))
+        out.append((q, a, wrong_pool, i))
     return out
 
 
@@ -260,7 +261,7 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
                                "image_ids": cands, "describe": _describe_pair("Image", ca)})
         elif task == "image_understanding":
             q, a, wrong, i = rng.choice(qas)
-            w = rng.choice(wrong.split("|"))
+            w = rng.choice(wrong)
             label, answers = _place(rng, a, w)
             yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
                          visuals=[image(i)], source=f"easy-vqa/{split}",
