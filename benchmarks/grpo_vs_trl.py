@@ -37,17 +37,21 @@ when μ > 1), `policy fwd` (the log-prob pass with gradients), `backward`, and `
 data, prompt processing, decoding, rewards, advantages, loss maths, clipping, the optimizer step, logging).
 The log-prob batches' token counts are printed too: the real tokens, what a padded batch holds (urt:
 rows x longest sequence; TRL: its actual batch, left-padded prompts + right-padded completions), what was
-processed (urt packs by default: one row, no padding; TRL pads), and, for urt, how many tokens the pass would
-need if each prompt went through the model once per group instead of G times.
-The side `urt-padded` (--sides urt,urt-padded,trl) runs urt with padded log-prob batches in the same
-interleaving, to show what packing costs or saves with the attention implementation at hand.
+processed (urt-shared: each prompt once per micro-batch, then the completions on its cached keys and values;
+urt-packed: one row, no padding; urt-padded and TRL: rows x longest), and how many tokens the pass needs with
+each prompt once per group (what urt-shared's layout approaches).
+
+urt's sides differ only in the layout of its log-prob batches (`stage.collate`, urt.rl.shared_prompt):
+`urt` is urt's default (--collate auto: shared prompts on sdpa), `urt-shared` shared prompts, `urt-padded`
+right-padded rows, `urt-packed` one packed row (slow without flash-attention's variable-length kernels); all run
+in the same interleaving as TRL, and the ratio of each to TRL is printed.
 
 --profile urt,trl (any of the sides) runs one more short run of each after the measurement, its last step under
 torch.profiler, and prints the top operators by self CPU time (the phases above appear as `bench::*` ranges).
 
-Run:  python benchmarks/grpo_vs_trl.py   (defaults: P=2, G=4, 64 new tokens, 2 runs per side of 1 warmup + 1
-      timed step; a few minutes on 2 CPU cores)
-      python benchmarks/grpo_vs_trl.py --sides urt,urt-padded,trl --steps 2 --repeats 3 --profile urt,trl
+Run:  python benchmarks/grpo_vs_trl.py   (defaults: P=2, G=4, 64 new tokens, sides urt-shared, urt-padded,
+      urt-packed and trl, 2 runs per side of 1 warmup + 1 timed step; several minutes on 2 CPU cores)
+      python benchmarks/grpo_vs_trl.py --sides urt-shared,trl --steps 2 --repeats 3 --profile urt-shared,trl
 Needs TRL (only this script does): pip install trl==1.16.0 (tested with transformers 5.24.0).
 """
 
@@ -68,7 +72,9 @@ from pathlib import Path
 
 TRL_PIN = "1.16.0"
 FAMILY = "qwen2_5_vl"
-SIDES = ("urt", "trl", "urt-padded")
+SIDES = ("urt", "trl", "urt-shared", "urt-padded", "urt-packed")
+# urt's sides: the log-prob layout (stage.collate) each runs with; "urt" follows --collate
+SIDE_LAYOUT = {"urt-shared": "shared_prompt", "urt-padded": "padded", "urt-packed": "packed"}
 PHASES = ("generate", "ref fwd", "policy fwd", "backward", "rest")
 
 # The ~18M-parameter Qwen2.5-VL: urt.models.tiny's config with these sizes (head_dim 64 -> mrope 8+12+12=32).
@@ -100,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=112, help="square image side in pixels (112 -> 16 tokens)")
     p.add_argument("--natural-length", action="store_true",
                    help="let completions stop at EOS (default: both sides generate exactly --max-new-tokens)")
-    p.add_argument("--collate", choices=("packed", "padded"), default="packed", help="urt's log-prob batches")
-    p.add_argument("--sides", default="urt,trl",
-                   help="comma list of sides to run: urt (log-prob batches per --collate), trl, and urt-padded "
-                        "(urt with padded log-prob batches, to see what packing costs or saves)")
+    p.add_argument("--collate", choices=("auto", "shared_prompt", "packed", "padded"), default="auto",
+                   help="the log-prob layout of the side `urt` (stage.collate; auto: urt's default)")
+    p.add_argument("--sides", default="urt-shared,urt-padded,urt-packed,trl",
+                   help="comma list of sides to run: urt (log-prob layout per --collate), urt-shared, urt-padded, "
+                        "urt-packed (urt with that layout), trl")
     p.add_argument("--profile", default="",
                    help="comma list of sides (as --sides) to profile afterwards: one more run each, its last "
                         "step under torch.profiler")
@@ -290,6 +297,8 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
         num_iterations=1, num_mini_batches=1, micro_batch_size=P * G, max_grad_norm=1.0, collate=collate,
         seed=args.seed, rollout_dir=None)
 
+    layout = logprob_layout(module.collate)
+
     # timers around the same operations as on the TRL side
     _wrap_generate(bundle.model, probe)
     original_logprobs = grpo.sequence_logprobs
@@ -301,10 +310,15 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
         tag = "policy" if grad else "ref"
         probe.acc[f"{tag}_real_tokens"] += sum(lens)
         probe.acc[f"{tag}_padded_tokens"] += len(lens) * max(lens)
-        probe.acc[f"{tag}_batch_tokens"] += sum(lens) if collate == "packed" else len(lens) * max(lens)
+        prompts = {s.key.rsplit("#", 1)[0]: s.prompt_length for s in seqs}  # sequence keys are "<prompt key>#<i>"
+        if layout == "shared":  # the prompts (less their last token) padded once, then rows of last token + completion
+            batch = len(prompts) * (max(prompts.values()) - 1) + len(lens) * (1 + max(n - s.prompt_length
+                                                                                     for n, s in zip(lens, seqs)))
+        else:
+            batch = sum(lens) if layout == "packed" else len(lens) * max(lens)
+        probe.acc[f"{tag}_batch_tokens"] += batch
         probe.acc[f"{tag}_completion_tokens"] += comp
         probe.acc[f"{tag}_sequences"] += len(lens)
-        prompts = {s.key.rsplit("#", 1)[0]: s.prompt_length for s in seqs}  # sequence keys are "<prompt key>#<i>"
         probe.acc[f"{tag}_shared_tokens"] += sum(prompts.values()) + comp
         with probe.phase("policy fwd" if grad else "ref fwd"):
             return original_logprobs(model, collator, seqs, **kw)
@@ -343,9 +357,21 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
         grpo.sequence_logprobs = original_logprobs
     if len(probe.steps) != n_steps:
         raise RuntimeError(f"urt ran {len(probe.steps)} steps, expected {n_steps}")
+    for rec in probe.steps:
+        rec["layout"] = layout
     if profile:
         return probe.steps, probe.profile
     return probe.steps
+
+
+def logprob_layout(collator) -> str:
+    """"shared", "packed" or "padded": the layout of urt's log-prob batches a GRPOModule's collator gives."""
+    from urt.data.collate import PackedCollator
+    from urt.rl.shared_prompt import SharedPromptLogprobs
+
+    if isinstance(collator, SharedPromptLogprobs):
+        return "shared"
+    return "packed" if isinstance(collator, PackedCollator) else "padded"
 
 
 # ------------------------------------------------------------------------------------------ TRL side
@@ -505,6 +531,7 @@ def summarise(steps: list[dict]) -> dict:
     for tag in ("ref", "policy"):
         for k in ("real_tokens", "padded_tokens", "batch_tokens", "completion_tokens", "sequences", "shared_tokens"):
             out[f"{tag}_{k}"] = _median(steps, f"{tag}_{k}")
+    out["layout"] = steps[0].get("layout", "padded") if steps else "padded"
     seqs = sum(s.get("policy_sequences", 0) for s in steps)
     out["logp_completion_length"] = sum(s.get("policy_completion_tokens", 0) for s in steps) / max(1, seqs)
     return out
@@ -542,7 +569,7 @@ def print_report(results: dict, args, prompt_lens: list[int], same: bool | None,
             if not r[f"{tag}_sequences"]:
                 continue
             real, padded, batch = r[f"{tag}_real_tokens"], r[f"{tag}_padded_tokens"], r[f"{tag}_batch_tokens"]
-            how = "packed" if side == "urt" and args.collate == "packed" else "padded"
+            how = r["layout"]
             shared = r.get(f"{tag}_shared_tokens", 0.0)
             t2.add_row(side, tag, f"{r[f'{tag}_sequences']:.0f}", f"{real:.0f}",
                        f"{padded:.0f} (+{(padded / real - 1) * 100:.1f}%)", f"{batch:.0f} {how}",
@@ -618,7 +645,7 @@ def main(argv=None) -> int:
 
     def run(side: str, steps: int, profile: bool = False):
         if side.startswith("urt"):
-            collate = "padded" if side == "urt-padded" else args.collate
+            collate = SIDE_LAYOUT.get(side, args.collate)
             return run_urt(args, model_dir, samples, steps, profile=profile, collate=collate)
         return run_trl(args, model_dir, dataset, trainable, vision_ids, steps, profile=profile)
 
@@ -643,11 +670,10 @@ def main(argv=None) -> int:
             _, prof = run(side, max(1, args.warmup) + 1, profile=True)
             print_profile(con, side, prof, args.profile_rows)
 
-    if "urt-padded" in results and "trl" in results:
-        print(f"ratio urt-padded/trl: {results['urt-padded']['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}")
-    if "urt" in results and "trl" in results:
-        ratio = results["urt"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-        print(f"ratio urt/trl: {ratio:.2f}")
+    if "trl" in results:
+        for side in (s for s in sides if s.startswith("urt")):
+            ratio = results[side]["tokens_per_s"] / results["trl"]["tokens_per_s"]
+            print(f"ratio {side}/trl: {ratio:.2f} ({results[side]['layout']} log-prob batches)")
     if tmp is not None:
         tmp.cleanup()
     return 0

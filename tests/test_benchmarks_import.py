@@ -27,7 +27,7 @@ def test_parser_builds():
     args = parser.parse_args([])
     assert args.prompts >= 1 and args.generations >= 2 and args.max_new_tokens >= 1
     assert args.steps >= 1 and args.repeats >= 1 and args.warmup >= 0
-    assert args.sides == "urt,trl" and args.collate == "packed" and not args.natural_length
+    assert args.sides == "urt-shared,urt-padded,urt-packed,trl" and args.collate == "auto" and not args.natural_length
     args = parser.parse_args(["--prompts", "3", "-G", "6", "--max-new-tokens", "32", "--steps", "4", "--repeats", "5",
                               "--warmup", "0", "--threads", "1", "--natural-length", "--sides", "urt,urt-padded,trl",
                               "--profile", "urt,trl"])

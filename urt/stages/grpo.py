@@ -26,11 +26,13 @@ pitfall 5), followed by `<|im_end|>` unless the completion used up `max_new_toke
 the mask covers every token, as the paper's). Re-tokenising can differ from the sampled token path for
 rare non-canonical BPE splits; log-probs are then those of the canonical split of the same text.
 
-**Log-probs.** Each (prompt + completion) is one `Encoded` whose labels are the completion ids; the
-data layer's collators batch them: packed (padding-free, one segment per sequence, per-sequence mRoPE
-positions, no attention_mask, `use_cache=False`) for packing-safe families, right-padded otherwise.
-Only the positions that predict a completion token are projected onto the vocabulary
-(`logits_to_keep` as a boolean mask) before the fp32 log_softmax.
+**Log-probs.** Each (prompt + completion) is one `Encoded` whose labels are the completion ids, batched
+per `stage.collate` (`urt.rl.shared_prompt.make_logprob_collator`): shared prompts (the default on
+sdpa/eager: each distinct prompt of a micro-batch runs once with the KV cache on, its G completions then
+run on that cache; `urt.rl.shared_prompt`), packed (padding-free, one segment per sequence, per-sequence
+mRoPE positions, no attention_mask, `use_cache=False`; the default under flash-attention) or right-padded.
+Only the positions that predict a completion token are projected onto the vocabulary (`logits_to_keep` as
+a boolean mask) before the fp32 log_softmax.
 
 **Reference model.** β = 0: none is built or run. Else a frozen deep copy of the starting weights,
 kept out of the LightningModule's state_dict (never checkpointed, moved to the device at fit start);
@@ -58,7 +60,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from urt.data.collate import make_collator, model_inputs
+from urt.data.collate import model_inputs
 from urt.data.encode import IGNORE_INDEX, Encoded
 from urt.errors import UrtError
 from urt.rl.objective import (PAPER_STD_EPS, completion_mask, group_advantages, policy_loss,
@@ -168,10 +170,22 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy: bool = False,
                       visual_cache=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-token log-probs (fp32) of each sequence's completion tokens (one 1-D tensor per sequence, in
-    order) and, when asked, the per-token entropies (detached). `collate` is a packed or padded collator.
+    order) and, when asked, the per-token entropies (detached). `collate` is a packed or padded collator,
+    or a `urt.rl.shared_prompt.SharedPromptLogprobs` (each prompt run once per micro-batch; the padded
+    path, with the reason logged, when it cannot serve this pass).
     `visual_cache` (a `urt.rl.visual_cache.VisualCache` of this step's prompts): the model is fed the
     cached visual features instead of running its vision tower on every sequence's pixels (the normal path,
     with the reason logged, when the cache cannot feed this model)."""
+    from urt.rl.shared_prompt import SharedPromptLogprobs
+    from urt.rl.visual_cache import _warn_once
+
+    if isinstance(collate, SharedPromptLogprobs):
+        reason = collate.pass_blocker(model, seqs)
+        if reason is None:
+            logits, targets = collate.forward(model, seqs, visual_cache=visual_cache)
+            return _token_logprobs(logits, targets, seqs, entropy)
+        _warn_once(f"GRPO log-probs: a pass runs on padded batches instead of shared prompts: {reason}")
+        collate = collate.fallback
     batch = collate(seqs)
     labels = batch["labels"]
     inputs = model_inputs(batch)
@@ -187,6 +201,13 @@ def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy:
         logits = logits.reshape(-1, logits.shape[-1])
     else:
         logits = model(**inputs, use_cache=False).logits[keep]
+    return _token_logprobs(logits, targets, seqs, entropy)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, seqs: list[Encoded], entropy: bool
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """fp32 log-probs of `targets` under `logits` (one row per completion token, sequence by sequence),
+    split per sequence, and the detached entropies when asked."""
     logsm = logits.float().log_softmax(-1)
     logp = logsm.gather(-1, targets[:, None]).squeeze(-1)
     lens = [int((s.labels != IGNORE_INDEX).sum()) for s in seqs]
@@ -285,7 +306,7 @@ class GRPOModule(L.LightningModule):
                  kl_estimator: str = "k3", advantage: str = "paper", aggregation: str = "paper",
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, num_iterations: int = 1,
                  num_mini_batches: int = 1, micro_batch_size: int = 8, max_grad_norm: float | None = 1.0,
-                 filter_zero_variance: bool = False, collate: str = "packed", reward_weights: dict | None = None,
+                 filter_zero_variance: bool = False, collate: str = "auto", reward_weights: dict | None = None,
                  seed: int = 0, total_steps: int | None = None, rollout_dir: str | Path | None = None,
                  rollout_table_rows: int = 16, visual_cache: bool = True):
         super().__init__()
@@ -314,7 +335,9 @@ class GRPOModule(L.LightningModule):
             raise UrtError(f"num_generations must be >= 2 (a group of 1 has no advantage), got {self.G}")
         if self.mu < 1 or self.num_mini_batches < 1 or self.micro_batch_size < 1:
             raise UrtError("num_iterations, num_mini_batches and micro_batch_size must be >= 1")
-        self.collate = make_collator(collate, bundle)
+        from urt.rl.shared_prompt import make_logprob_collator
+
+        self.collate = make_logprob_collator(collate, bundle)  # log-prob batches (stage.collate)
         from urt.generation import stop_token_ids, vision_token_ids
 
         self.eos_id = stop_token_ids(bundle)[0]

@@ -1,0 +1,172 @@
+"""urt.rl.shared_prompt: GRPO log-probs with each prompt run once per micro-batch equal the padded path.
+
+Tiny real-architecture models (fp32, sdpa, CPU) of every family that shares prompts, prompts with an image
+pair, one image, a video pair and one video (G completions each, of different lengths, some ending in
+EOS), sequences shuffled so a micro-batch mixes groups: per-token log-probs, entropies and the gradients
+of the trainable parameters equal those of right-padded batches, with and without the visual cache. The
+layout choice (`stage.collate`) and its fallbacks (qwen3_5, flash-attention, gradient checkpointing) are
+checked, and a GRPO run with shared prompts (reference model or LoRA reference, μ = 2, mini-batches
+that split groups) has the padded run's losses over two steps."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from grpo_fixtures import grpo_cfg, write_grpo_prompts
+import test_visual_cache
+from test_visual_cache import assert_same, bundle, grads, rollout
+from urt.data.collate import PackedCollator, PaddedCollator, make_collator
+from urt.rl.shared_prompt import SharedPromptLogprobs, make_logprob_collator, shared_prompt_blocker
+from urt.rl.visual_cache import VisualCache
+from urt.stages.grpo import completion_sequence, sequence_logprobs
+
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+one_thread = test_visual_cache.one_thread  # its autouse fixture: torch on one thread in this module too
+
+
+def mixed_rollout(b):
+    """The visual-cache test's rollout (4 prompts x 3 completions of 3-9 tokens) plus one EOS-ended
+    completion per prompt, shuffled."""
+    from urt.generation import stop_token_ids
+
+    prompts, seqs = rollout(b)
+    eos = stop_token_ids(b)[0]
+    seqs += [completion_sequence(p, [11, 12, eos], 9) for p in prompts]
+    random.Random(0).shuffle(seqs)
+    return seqs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prompt_logprobs_and_grads_equal_padded(family):
+    b = bundle(family)
+    model = b.model.train()  # as in GRPO: the policy is in training mode
+    seqs = mixed_rollout(b)
+    shared, padded = make_logprob_collator("shared_prompt", b), make_collator("padded", b)
+    assert isinstance(shared, SharedPromptLogprobs)
+    calls = []
+    forward = shared.forward
+    shared.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)  # the shared path really runs
+    with torch.no_grad():
+        want, want_ent = sequence_logprobs(model, padded, seqs, entropy=True)
+        got, got_ent = sequence_logprobs(model, shared, seqs, entropy=True)
+        cache = VisualCache(model, family, seqs)
+        cached, _ = sequence_logprobs(model, shared, seqs, visual_cache=cache)
+    assert calls == [1, 1] and cache.lookups > 0
+    assert [len(x) for x in got] == [len(s) - s.prompt_length for s in seqs]
+    assert_same(got, want)
+    assert_same(got_ent, want_ent)
+    assert_same(cached, want)
+    g_pad, g_shared = grads(model, padded, seqs), grads(model, shared, seqs)
+    assert g_pad.keys() == g_shared.keys() and g_pad
+    for name in g_pad:
+        torch.testing.assert_close(g_shared[name], g_pad[name], atol=1e-4, rtol=1e-4)
+    g_cached = grads(model, shared, seqs, cache)
+    for name in g_pad:
+        torch.testing.assert_close(g_cached[name], g_pad[name], atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prompt_is_checked_against_a_wrong_position():
+    """The comparison can fail: completion positions 100 too far change the log-probs far beyond ATOL."""
+    b = bundle("qwen2_5_vl")
+    model = b.model.eval()
+    seqs = mixed_rollout(b)[:4]
+    shared = SharedPromptLogprobs(b)
+    positions = shared._positions
+
+    def shifted(*a):
+        p, c = positions(*a)
+        return p, c + 100
+
+    shared._positions = shifted
+    with torch.no_grad():
+        want, _ = sequence_logprobs(model, make_collator("padded", b), seqs)
+        got, _ = sequence_logprobs(model, shared, seqs)
+    assert max(float((x - y).abs().max()) for x, y in zip(got, want)) > 100 * 1e-5
+
+
+def test_layout_choice_and_fallbacks(monkeypatch, caplog):
+    import urt.rl.shared_prompt as sp
+
+    b = bundle("qwen2_5_vl")
+    assert isinstance(make_logprob_collator("auto", b), SharedPromptLogprobs)  # sdpa: shared prompts
+    assert isinstance(make_logprob_collator("padded", b), PaddedCollator)
+    assert isinstance(make_logprob_collator("packed", b), PackedCollator)
+    with pytest.raises(Exception, match="unknown GRPO log-prob layout"):
+        make_logprob_collator("ragged", b)
+    # qwen3_5 (linear attention): refused, padded instead (also for an explicit shared_prompt)
+    q35 = bundle("qwen3_5")
+    assert "linear-attention" in shared_prompt_blocker(q35)
+    with caplog.at_level("WARNING", logger="urt.rl.visual_cache"):
+        assert isinstance(make_logprob_collator("shared_prompt", q35), PaddedCollator)
+    assert "shared prompts are not available" in caplog.text
+    assert isinstance(make_logprob_collator("auto", q35), PaddedCollator)
+    # flash-attention: auto packs (its variable-length kernels), as before
+    monkeypatch.setattr(sp, "_attn_implementation", lambda model: "flash_attention_2")
+    monkeypatch.setattr(sp, "packing_pays", lambda bundle: True)
+    assert "flash_attention_2" in shared_prompt_blocker(b)
+    assert isinstance(make_logprob_collator("auto", b), PackedCollator)
+
+
+def test_gradient_checkpointing_pass_falls_back_to_padded():
+    """Gradient checkpointing drops the KV cache in passes with gradients: those run padded (same values),
+    the no-grad passes still share prompts."""
+    b = bundle("qwen2_5_vl", gradient_checkpointing=True)
+    model = b.model.train()
+    seqs = mixed_rollout(b)[:6]
+    shared = SharedPromptLogprobs(b)
+    assert shared.pass_blocker(model, seqs) is not None
+    with torch.no_grad():
+        assert shared.pass_blocker(model, seqs) is None
+        nograd, _ = sequence_logprobs(model, shared, seqs)
+    withgrad, _ = sequence_logprobs(model, shared, seqs)
+    assert_same([x.detach() for x in withgrad], nograd)
+
+
+# ------------------------------------------------------------------------------------------ a GRPO run
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_grpo_prompts(tmp_path_factory.mktemp("shared_prompt_shards"))
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses, self.module = {}, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.module = pl_module
+        self.losses[pl_module.rollout_step] = float(outputs["loss"])
+
+
+@pytest.mark.parametrize("variant,steps", [  # trainer.max_steps counts optimizer steps: 2 rollout steps each
+    (["stage.beta=0.04", "stage.num_iterations=2", "stage.num_mini_batches=2", "stage.micro_batch_size=2"], 8),
+    (["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.beta=0.04", "stage.micro_batch_size=4"], 2),
+], ids=["reference_mu2_minibatches", "lora_reference"])
+def test_grpo_run_with_shared_prompts_equals_padded(tmp_path, shards, monkeypatch, variant, steps):
+    import urt.generation
+    from urt.prompts import answer_string
+    from urt.train import train
+
+    def canned(bundle, prompts, cfg, **kw):  # distinct rewards in every group, different lengths
+        return [[f"<think>a</think><answer>{answer_string(p.task, int(p.label))}</answer>", "<think>bb</think>",
+                 "some plain words"][: cfg.num_return_sequences] for p in prompts]
+
+    monkeypatch.setattr(urt.generation, "generate", canned)
+    runs = {}
+    for layout in ("padded", "shared_prompt"):
+        rec = Losses()
+        cfg = grpo_cfg(tmp_path / layout, shards, f"stage.collate={layout}", f"stage.run_name={layout}", *variant,
+                       steps=steps)
+        train(cfg, callbacks=[rec])
+        want = SharedPromptLogprobs if layout == "shared_prompt" else PaddedCollator
+        assert isinstance(rec.module.collate, want)
+        runs[layout] = rec.losses
+        assert (Path(cfg.stage.run_dir) / "rollouts" / "step-000002.parquet").is_file()
+    l_pad, l_sh = runs["padded"], runs["shared_prompt"]
+    assert l_pad.keys() == l_sh.keys() == {1, 2}
+    for k in l_pad:  # step 2's loss is computed with the weights step 1's update left
+        assert l_sh[k] == pytest.approx(l_pad[k], abs=1e-5)

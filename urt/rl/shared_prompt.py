@@ -1,0 +1,251 @@
+"""GRPO log-probs with each prompt computed once per group instead of once per completion.
+
+A rollout step scores P prompts × G completions; every log-prob pass (policy with gradients, the old
+policy when μ > 1, the reference) used to feed all P·G (prompt + completion) sequences through the
+model, so every prompt went through it G times per pass. The prompt is most of each sequence (the
+paper template with two images: ~500 tokens before a completion), and its hidden states do not depend
+on the completion after it (causal attention). `SharedPromptLogprobs` runs, per micro-batch:
+
+1. **prompt pass**: the micro-batch's distinct prompts, minus their last token, as one right-padded batch
+   with the KV cache on (`use_cache=True`), their visuals included (or the step's `VisualCache`
+   features);
+2. the cache's rows are selected per completion (`Cache.batch_select_indices`: row j holds its own
+   prompt's keys and values — an indexing op, so in the policy pass the gradients of the G completions
+   flow back and sum into the one prompt computation);
+3. **completion pass**: per sequence, the prompt's last token followed by its completion tokens,
+   right-padded to the longest, on top of the selected cache, with an attention mask over
+   [prompt (right-padded) | this row (right-padded)] and explicit positions: for Qwen's mRoPE families
+   the (temporal, height, width) rows that `urt.data.collate.RopeIndex` gives the full prompt +
+   completion sequence, sliced to the completion part (text positions continue after the vision
+   grid's); for LLaVA-OneVision plain positions continuing the prompt's. Logits are kept only at the
+   positions that predict a completion token (`logits_to_keep` as a boolean mask), so the first
+   completion token is predicted by the prompt's last token inside the completion pass and the prompt
+   pass projects nothing onto the vocabulary.
+
+The log-probs are those of the padded path up to float rounding (same tokens, same positions, same
+attention; only the batching of the matmuls differs), gradients included (tests/test_shared_prompt.py).
+
+**When it is used** (`stage.collate`, conf/stage/grpo.yaml): "shared_prompt", or "auto" when nothing
+below blocks it. `shared_prompt_blocker(bundle)` (checked once, at module construction) refuses:
+
+* qwen3_5: its hybrid linear-attention layers (gated DeltaNet) keep a recurrent and a convolution state
+  instead of per-token keys and values: a shorter prompt's state would run on through the right padding
+  of the prompt batch, and transformers' linear-attention cache layer cannot select rows per completion
+  (no `batch_select_indices`);
+* flash-attention (`attn_implementation` flash_*): its unpadded path with a cache and a right-padded
+  query against a key mask with holes is not verified here (no GPU with flash-attn in this project's
+  tests); there `auto` packs instead (variable-length kernels: no padding and no dense mask);
+* a family urt does not know.
+
+Per pass (`pass_blocker`), the padded path runs instead (the reason logged once) when the model uses
+gradient checkpointing and the pass needs gradients (transformers then drops the cache in every
+checkpointed layer), or when a sequence is not laid out as `urt.stages.grpo.completion_sequence` lays
+it out (labels exactly the tokens after `prompt_length`, a prompt of >= 2 tokens ending in a text token).
+
+**What it saves** (`benchmarks/grpo_vs_trl.py`, README "Performance"): the tokens through the model per
+pass go from P·G·(prompt + completion) to P·prompt + P·G·completion; with the paper template's ~500-token
+prompts, 64-token completions and G = 4 that is a third of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from urt.data.collate import PaddedCollator, RopeIndex, _pad_id, make_collator, model_inputs, packing_pays
+from urt.data.encode import IGNORE_INDEX, QWEN_FAMILIES, Encoded
+from urt.errors import UrtError
+from urt.rl.visual_cache import _warn_once, hf_model
+
+
+# Families whose language model continues a cached prefix exactly with a multi-token forward.
+SHARED_PROMPT_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
+# The layouts of GRPO's log-prob batches (stage.collate).
+LOGPROB_LAYOUTS = ("auto", "shared_prompt", "packed", "padded")
+
+
+def _attn_implementation(model) -> str:
+    return str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "")
+
+
+def shared_prompt_blocker(bundle) -> str | None:
+    """Why a model cannot compute GRPO log-probs with shared prompts (None: it can); see the module
+    docstring."""
+    if bundle.family == "qwen3_5":
+        return ("its linear-attention layers keep a recurrent state, not per-token keys and values (a prompt's "
+                "state cannot be masked or selected per completion)")
+    if bundle.family not in SHARED_PROMPT_FAMILIES:
+        return f"family {bundle.family!r} is not one of {', '.join(SHARED_PROMPT_FAMILIES)}"
+    impl = _attn_implementation(bundle.model)
+    if impl.startswith("flash"):
+        return f"attn_implementation {impl!r}: the cached-prompt path is verified with sdpa and eager only"
+    return None
+
+
+def make_logprob_collator(kind: str, bundle):
+    """The log-prob batching of a GRPO stage (`stage.collate`): "shared_prompt" -> `SharedPromptLogprobs`
+    (or, when `shared_prompt_blocker` refuses the model, a warning and what "auto" picks then); "auto" ->
+    shared prompts when the model allows them, else packed under flash-attention (its variable-length
+    kernels make packing the fast layout there), else padded; "packed" / "padded" -> the data layer's
+    collators (`urt.data.collate.make_collator`)."""
+    if kind not in LOGPROB_LAYOUTS:
+        raise UrtError(f"unknown GRPO log-prob layout (stage.collate) {kind!r}; use one of {', '.join(LOGPROB_LAYOUTS)}")
+    if kind in ("auto", "shared_prompt"):
+        reason = shared_prompt_blocker(bundle)
+        if reason is None:
+            return SharedPromptLogprobs(bundle)
+        fallback = "packed" if packing_pays(bundle) and bundle.spec.packing_safe else "padded"
+        if kind == "shared_prompt":
+            _warn_once(f"GRPO log-probs: shared prompts are not available for this {bundle.family} model ({reason}); "
+                       f"using {fallback} batches")
+        kind = fallback
+    return make_collator(kind, bundle)
+
+
+def _forward_takes(model, name: str) -> bool:
+    """Whether the transformers model inside `model` (peft passes extra keywords through) takes `name`."""
+    from urt.stages.sft import _forward_takes as takes
+
+    return takes(hf_model(model), name)
+
+
+def _gradient_checkpointing(model) -> bool:
+    m = hf_model(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the newer name first
+        if hasattr(type(m), name):
+            return bool(getattr(m, name))
+    return False
+
+
+class SharedPromptLogprobs:
+    """Computes GRPO log-probs with each distinct prompt of a micro-batch run once (see the module
+    docstring). Used through `urt.stages.grpo.sequence_logprobs`, which calls `pass_blocker` and then
+    `forward`, or the padded `fallback` collator with the reason logged."""
+
+    def __init__(self, bundle):
+        reason = shared_prompt_blocker(bundle)
+        if reason is not None:
+            raise UrtError(f"shared-prompt log-probs are not available for this {bundle.family} model: {reason}")
+        self.family = bundle.family
+        self.pad_token_id = _pad_id(bundle)
+        self.rope = RopeIndex(bundle.family, bundle.model.config) if bundle.family in QWEN_FAMILIES else None
+        self.collate_prompts = PaddedCollator(self.pad_token_id, padding_side="right")
+        self.fallback = PaddedCollator(self.pad_token_id, padding_side="right")
+
+    def __call__(self, batch: list[Encoded]) -> dict:
+        """A padded batch of `batch` (this object stands in for a collator where one is expected)."""
+        return self.fallback(batch)
+
+    # ------------------------------------------------------------------------------------ checks
+    def pass_blocker(self, model, seqs: Sequence[Encoded]) -> str | None:
+        """Why this pass cannot share prompts (None: it can): gradient checkpointing with gradients, or a
+        sequence not laid out prompt + completion."""
+        if torch.is_grad_enabled() and model.training and _gradient_checkpointing(model):
+            return "gradient checkpointing drops the KV cache in passes with gradients"
+        for s in seqs:
+            n = s.prompt_length
+            if n < 2 or n > len(s):
+                return f"sequence {s.key!r} has prompt_length {n} of {len(s)} tokens"
+            if bool((s.labels[:n] != IGNORE_INDEX).any()) or not torch.equal(s.labels[n:], s.input_ids[n:]):
+                return f"sequence {s.key!r}: its labels are not exactly the tokens after its prompt"
+            if s.mm_token_type_ids is not None and int(s.mm_token_type_ids[n - 1]) != 0:
+                return f"sequence {s.key!r}: its prompt ends with a vision token"
+        return None
+
+    # ------------------------------------------------------------------------------------ the passes
+    def _prompts(self, seqs: Sequence[Encoded]) -> tuple[list[Encoded], list[int]]:
+        """The distinct prompts of `seqs` (minus their last token) and each sequence's prompt index. Two
+        sequences share a prompt when they share the visual dict object (as `completion_sequence` makes
+        a prompt's completions do) and the prompt token ids."""
+        index: dict[tuple, int] = {}
+        prompts: list[Encoded] = []
+        rows: list[int] = []
+        for s in seqs:
+            n = s.prompt_length
+            key = (id(s.visual), n, tuple(s.input_ids[:n].tolist()))
+            if key not in index:
+                index[key] = len(prompts)
+                mm = s.mm_token_type_ids
+                prompts.append(dataclasses.replace(
+                    s, key=s.key.rsplit("#", 1)[0], input_ids=s.input_ids[:n - 1], labels=s.labels[:n - 1],
+                    mm_token_type_ids=None if mm is None else mm[:n - 1], prompt_length=n - 1))
+            rows.append(index[key])
+        return prompts, rows
+
+    def _positions(self, prompts: list[Encoded], rows: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of the prompt pass ((3, P, Lp) mRoPE rows or (P, Lp)) and of the completion pass
+        ((3, N, width) or (N, width)); padding columns continue the positions (they are masked out)."""
+        lp = max(len(p) for p in prompts)
+        if self.rope is None:
+            prompt_pos = torch.arange(lp).expand(len(prompts), lp)
+            comp_pos = torch.stack([len(prompts[r]) + torch.arange(width) for r in rows])
+            return prompt_pos, comp_pos
+        full = []  # per prompt: the (3, Lp + width) positions of the prompt followed by `width` text tokens
+        for p in prompts:
+            ext = dataclasses.replace(
+                p, input_ids=torch.cat([p.input_ids, torch.full((width + 1,), self.pad_token_id, dtype=torch.long)]),
+                labels=torch.full((len(p) + width + 1,), IGNORE_INDEX, dtype=torch.long),
+                mm_token_type_ids=torch.cat([p.mm_token_type_ids, torch.zeros(width + 1, dtype=torch.long)]))
+            full.append(self.rope(ext))
+        prompt_pos = torch.zeros(3, len(prompts), lp, dtype=torch.long)
+        for i, (p, pos) in enumerate(zip(prompts, full)):
+            n = len(p)
+            prompt_pos[:, i, :n] = pos[:, :n]
+            prompt_pos[:, i, n:] = pos[:, n:n + 1] + torch.arange(lp - n)
+        comp_pos = torch.stack([full[r][:, len(prompts[r]):len(prompts[r]) + width] for r in rows], dim=1)
+        return prompt_pos, comp_pos
+
+    def forward(self, model, seqs: Sequence[Encoded], *, visual_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the positions that predict a completion token, (K, V), in sequence order then token
+        order; the matching target ids (K,)). The caller checked `pass_blocker`."""
+        from urt.stages.grpo import _to_device
+
+        prompts, rows = self._prompts(seqs)
+        comps = [s.input_ids[s.prompt_length:] for s in seqs]
+        width = 1 + max(len(c) for c in comps)  # the prompt's last token, then the completion
+        prompt_pos, comp_pos = self._positions(prompts, rows, width)
+        param = next(model.parameters())
+        dtype = getattr(model, "dtype", param.dtype)
+        cache_arg = "cache" if _forward_takes(model, "cache") else "past_key_values"  # renamed in transformers 5.2x
+
+        # 1. the prompt pass: each distinct prompt once, right-padded, KV cache on
+        inputs = model_inputs(self.collate_prompts(prompts))
+        inputs["position_ids"] = prompt_pos
+        prompt_mask = inputs["attention_mask"]
+        inputs = _to_device(inputs, param.device, dtype)
+        if visual_cache is not None:
+            inputs = visual_cache.inputs_for(model, prompts, inputs)
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        if cache is None:
+            raise UrtError(f"the {self.family} model returned no KV cache from the prompt pass")
+        del out
+        # 2. one cache row per sequence (its prompt's): an index, so gradients sum back into the prompt pass
+        cache.batch_select_indices(torch.tensor(rows, device=param.device))
+
+        # 3. the completion pass: last prompt token + completion, right-padded, on the cached prompts
+        n = len(seqs)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        own = torch.zeros(n, width, dtype=torch.long)
+        keep = torch.zeros(n, width, dtype=torch.bool)
+        for j, (s, c) in enumerate(zip(seqs, comps)):
+            ids[j, 0] = s.input_ids[s.prompt_length - 1]
+            ids[j, 1:1 + len(c)] = c
+            own[j, :1 + len(c)] = 1
+            keep[j, :len(c)] = True
+        mask = torch.cat([prompt_mask[rows], own], dim=1)
+        dev = param.device
+        ids, mask, keep, comp_pos = ids.to(dev), mask.to(dev), keep.to(dev), comp_pos.to(dev)
+        targets = torch.cat(comps).to(dev)
+        kw: dict[str, Any] = {cache_arg: cache}
+        if _forward_takes(model, "logits_to_keep"):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=comp_pos, use_cache=False,
+                           logits_to_keep=keep, **kw).logits
+            logits = logits.reshape(-1, logits.shape[-1])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=comp_pos, use_cache=False, **kw).logits[keep]
+        return logits, targets
