@@ -198,12 +198,12 @@ def test_describe_target_trains_the_grounding_text():
     b = build_tiny("qwen2_5_vl")
     enc = SampleEncoder(b.processor, "qwen2_5_vl", target="describe")
     s = Sample("g1", "image_generation", 2, [vqa_image(0), vqa_image(1)], caption="a red circle",
-               meta={"describe": "Image 1 shows a blue square. Image 2 shows a red circle."})
+               meta={"describe": "Image 1 shows a blue square. Image 2 shows a red circle. Image 2 matches."})
     e = enc(s)
     assert e.meta["template_set"] == "describe"
     supervised = b.tokenizer.decode(e.input_ids[e.labels != -100])
-    assert supervised == "Image 1 shows a blue square. Image 2 shows a red circle.<|im_end|>"
-    assert "Describe Image 1 and Image 2." in b.tokenizer.decode(e.input_ids[: e.prompt_length])
+    assert supervised == "Image 1 shows a blue square. Image 2 shows a red circle. Image 2 matches.<|im_end|>"
+    assert "Describe Image 1 and Image 2. Which one shows [a red circle]?" in b.tokenizer.decode(e.input_ids[: e.prompt_length])
     s.meta = {}
     try:
         enc(s)

@@ -122,8 +122,12 @@ def test_rule_teacher_cot_agrees_with_the_label_on_demo_pairs():
         j = parse_output(cot, s.task)
         assert j.format_ok and j.answer == answer_string(s.task, s.label)
         assert cot.count("/10)") == 2  # one dimension: two scores
-        desc = "shows a" if s.task.endswith("generation") else "shows a"
-        assert desc in cot
+        assert "shows a" in cot
+        # the grounding target describes the candidates in order and names the preferred one
+        want = f"{'Image' if s.task == 'image_generation' else 'Video'} {s.label} matches." if s.task.endswith(
+            "generation") else f"Answer {s.label} fits."
+        assert s.meta["describe"].endswith(want) and s.meta["describe"].count(" shows ") == (
+            2 if s.task.endswith("generation") else 1)
 
 
 def _stage(acc, fmt=1.0):

@@ -7,6 +7,7 @@ import argparse
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from PIL import Image
 from data_fixtures import synthetic_frames, vqa_image, vqa_question
 from urt.data.schema import Sample, Video
 from urt.data.shards import read_shards, write_shards
+from urt.errors import UrtError
 from urt.prompts import parse_output, render_text
 from urt.rewards import consistency_reward
 from urt.stages.distill import (
@@ -355,6 +357,32 @@ def test_rule_teacher_traces_parse_and_agree():
     assert "shows a red circle" not in t.write(contra) and parse_output(t.write(contra)).winner == 2
     tie = replace(samples[0], label="tie")
     assert t.judge([tie])[0].status == "bad_input"
+
+
+def test_rule_teacher_compact_style_states_ask_then_candidates_then_verdict():
+    """The demo's compact CoT: what is asked first (copied from the prompt), what each candidate shows,
+    then per-candidate verdicts that follow from them; it parses, agrees with the label and is shorter."""
+    samples = _attr_samples()
+    full, compact = RuleTeacher(dimensions=1), RuleTeacher(dimensions=1, style="compact")
+    for s in samples:
+        text = compact.write(s)
+        j = parse_output(text, s.task)
+        assert j.format_ok and j.winner == s.label, text
+        assert j.totals[s.label] > j.totals[3 - s.label] and consistency_reward(text) == 1.0
+        assert len(text) <= len(full.write(s))
+    ig = compact.write(samples[4])  # ig1True: caption "a red circle", candidates red circle / blue circle
+    assert ig.split("\n")[1] == "The caption asks for a red circle. Image 1 shows a red circle. Image 2 shows a blue circle."
+    lines = ig.split("\n")
+    assert re.fullmatch(r"1\. Semantic consistency: Image 1 \((8|9|10)/10\) - matches; Image 2 \([1-4]/10\) - wrong colour",
+                        lines[2]), lines[2]
+    assert re.fullmatch(r"Image 1: \d+", lines[4]) and re.fullmatch(r"Image 2: \d+", lines[5])  # no addition
+    und = compact.write(samples[4 + 2])
+    assert "The question asks about the shape. The image shows a green triangle." in und
+    # attributes that contradict the label: the generic rationale, never a description that disagrees
+    contra = replace(samples[4], label=2)
+    assert "shows a red circle" not in compact.write(contra) and parse_output(compact.write(contra)).winner == 2
+    with pytest.raises(UrtError, match="style"):
+        RuleTeacher(style="terse")
 
 
 def test_distill_rule_teacher_all_tasks_and_cli(tmp_path, shard_dir):

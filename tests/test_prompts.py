@@ -531,9 +531,15 @@ def test_real_processor_accepts_rendered_prompt(family):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_describe_prompts_render_and_encode_the_grounding_target(task):
-    """urt's grounding prompts: no fields; SampleEncoder target 'describe' trains meta['describe']."""
-    assert template_fields("describe", task) == ()
-    text = render_text("describe", task)
+    """urt's grounding prompts name the caption (or the question and answers) and ask to describe the
+    visuals and say which candidate fits; SampleEncoder target 'describe' trains meta['describe']."""
     noun = "Video" if task.startswith("video") else "Image"
-    assert text == (f"Describe {noun} 1 and {noun} 2." if task.endswith("generation") else
-                    f"Describe the {noun.lower()}.")
+    if task.endswith("generation"):
+        assert template_fields("describe", task) == ("caption",)
+        assert render_text("describe", task, caption="a red circle") == (
+            f"Describe {noun} 1 and {noun} 2. Which one shows [a red circle]?")
+    else:
+        assert template_fields("describe", task) == ("question", "answer1", "answer2")
+        assert render_text("describe", task, question="what color is it?", answer1="red", answer2="blue") == (
+            f"Describe the {noun.lower()}. Which answer fits the question [what color is it?]? "
+            "Answer 1: [red] Answer 2: [blue]")

@@ -271,7 +271,8 @@ class Pipeline:
             raise UrtError("a distill step needs options.shards (the pairs to judge)")
         teacher_name = opts.pop("teacher", "rule")
         if teacher_name == "rule":
-            teacher = RuleTeacher(seed=int(opts.pop("seed", 0)), dimensions=opts.pop("dimensions", None))
+            teacher = RuleTeacher(seed=int(opts.pop("seed", 0)), dimensions=opts.pop("dimensions", None),
+                                  style=opts.pop("style", "full"))
         elif teacher_name == "openai":
             teacher = OpenAITeacher(**opts.pop("openai", {}))
         else:

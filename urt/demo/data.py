@@ -16,7 +16,8 @@ pairs use test images), so held-out evaluation never sees a training image:
 The preferred candidate's position is drawn per pair (seeded), so a constant verdict scores 0.5.
 `meta["attributes"]` records what the rule teacher (urt.stages.distill.RuleTeacher) needs to write
 paper-format CoT that states what each candidate shows and what the prompt asks; `meta["describe"]` is the
-visual-grounding target ("Image 1 shows a red circle. Image 2 shows …", SampleEncoder target "describe").
+visual-grounding target ("Image 1 shows a red circle. Image 2 shows … Image 1 matches.", SampleEncoder target
+"describe", under urt's short `describe` prompts that name the caption or question and answers).
 """
 
 from __future__ import annotations
@@ -129,10 +130,16 @@ def _describe(at: dict[str, str]) -> str:
     return text + (f" moving {at['motion']}" if "motion" in at else "")
 
 
-def _describe_pair(noun: str, cands: list[dict[str, str]]) -> str:
-    """The grounding target of a generation pair (SampleEncoder target "describe"), worded as the rule
-    teacher's CoT opens: "Image 1 shows a red circle. Image 2 shows a blue triangle." """
-    return " ".join(f"{noun} {k} shows {_describe(c)}." for k, c in enumerate(cands, 1))
+def _describe_pair(noun: str, cands: list[dict[str, str]], label: int) -> str:
+    """The grounding target of a generation pair (SampleEncoder target "describe"; the prompt names the
+    caption): what each candidate shows, then which one matches the caption — "Image 1 shows a red circle.
+    Image 2 shows a blue triangle. Image 1 matches." """
+    return " ".join([*(f"{noun} {k} shows {_describe(c)}." for k, c in enumerate(cands, 1)), f"{noun} {label} matches."])
+
+
+def _describe_single(visual: str, at: dict[str, str], label: int) -> str:
+    """The grounding target of an understanding pair: what the visual shows, then which answer fits."""
+    return f"The {visual} shows {_describe(at)}. Answer {label} fits."
 
 
 @dataclass
@@ -258,7 +265,7 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             yield Sample(key=key, task=task, label=label, caption=_describe(at),
                          visuals=[image(c) for c in cands], source=f"easy-vqa/{split}",
                          meta={"attributes": {"asks": dict(at), "candidates": ca}, "differs_in": kind,
-                               "image_ids": cands, "describe": _describe_pair("Image", ca)})
+                               "image_ids": cands, "describe": _describe_pair("Image", ca, label)})
         elif task == "image_understanding":
             q, a, wrong, i = rng.choice(qas)
             w = rng.choice(wrong)
@@ -266,7 +273,7 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
                          visuals=[image(i)], source=f"easy-vqa/{split}",
                          meta={"attributes": {"seen": dict(pool.attrs[i]), "asks": _asks(q, a)}, "image_ids": [i],
-                               "describe": f"The image shows {_describe(pool.attrs[i])}."})
+                               "describe": _describe_single("image", pool.attrs[i], label)})
         elif task == "video_understanding":
             i = rng.choice(pool.ids)
             at = dict(pool.attrs[i], motion=rng.choice(MOTIONS))
@@ -284,7 +291,7 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
                          visuals=[clip(i, at["motion"])], source=f"easy-vqa/{split}",
                          meta={"attributes": {"seen": at, "asks": kind}, "image_ids": [i],
-                               "describe": f"The video shows {_describe(at)}."})
+                               "describe": _describe_single("video", at, label)})
         elif task == "video_generation":
             i = rng.choice(pool.ids)
             at = dict(pool.attrs[i], motion=rng.choice(MOTIONS))
@@ -302,7 +309,7 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
                          source=f"easy-vqa/{split}",
                          meta={"attributes": {"asks": dict(at), "candidates": [dict(c) for c in ca]},
                                "differs_in": kind, "image_ids": [i, j] if label == 1 else [j, i],
-                               "describe": _describe_pair("Video", ca)})
+                               "describe": _describe_pair("Video", ca, label)})
         else:  # pragma: no cover - checked by demo_samples
             raise UrtError(f"unknown task {task!r}")
 
@@ -317,7 +324,7 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
 
     out = Path(out_dir)
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "seed": seed, "frames": frames,
-                "step": step, "image_size": image_size, "video_size": video_size, "version": 2}
+                "step": step, "image_size": image_size, "video_size": video_size, "version": 3}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         try:

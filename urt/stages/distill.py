@@ -329,6 +329,9 @@ def _clean(text: str) -> str:
     return " ".join(str(text).replace("<", "(").replace(">", ")").split())
 
 
+TEACHER_STYLES = ("full", "compact")
+
+
 class RuleTeacher:
     """A teacher without a model: paper-format CoT that agrees with the known label.
 
@@ -339,17 +342,25 @@ class RuleTeacher:
     content one first), for shorter traces.
     Rationales state the attributes seen, what the caption/question asks and match/mismatch when
     ``meta["attributes"]`` gives them (see the module docstring), and generic text otherwise. Tie labels
-    cannot be written in CoT mode and are returned as ``bad_input``."""
+    cannot be written in CoT mode and are returned as ``bad_input``.
+
+    ``style="compact"`` (the CPU demo's) writes the same layout with each step a local consequence of the
+    one before, for a model learning from scratch: first what the caption/question asks (copied from the
+    prompt's last line), then what each candidate shows, then a short verdict per candidate ("matches",
+    "wrong colour") beside its score, and totals without the addition."""
 
     name = "rule"
 
-    def __init__(self, template_set: str = "paper", seed: int = 0, dimensions: int | None = None) -> None:
+    def __init__(self, template_set: str = "paper", seed: int = 0, dimensions: int | None = None,
+                 style: str = "full") -> None:
+        if style not in TEACHER_STYLES:
+            raise UrtError(f"RuleTeacher style must be one of {TEACHER_STYLES}, got {style!r}")
         if template_set != "paper":
             raise UrtError(f"RuleTeacher writes the paper layout only; template_set {template_set!r} is not "
                            "supported")
         if dimensions is not None and int(dimensions) < 1:
             raise UrtError(f"dimensions must be >= 1 (or None: all of the task's), got {dimensions}")
-        self.template_set, self.seed = template_set, seed
+        self.template_set, self.seed, self.style = template_set, seed, style
         self.dimensions = None if dimensions is None else int(dimensions)
 
     def judge(self, samples: list[Sample], on_result: OnResult | None = None) -> list[TeacherResult]:
@@ -449,6 +460,39 @@ class RuleTeacher:
                 f"asked about in '{question}'" for k in (1, 2)]
         return None, rats
 
+    def _compact_rationales(self, s: Sample, win: int) -> tuple[str, list[str]] | None:
+        """The compact style's (preamble, [verdict for candidate 1, for 2]); None without usable attributes."""
+        attrs = s.meta.get("attributes") if isinstance(s.meta, dict) else None
+        if not isinstance(attrs, dict):
+            return None
+        asks = attrs.get("asks")
+        if s.task in GENERATION_TASKS:
+            cands = attrs.get("candidates")
+            if not (isinstance(asks, dict) and asks and isinstance(cands, (list, tuple)) and len(cands) == 2
+                    and all(isinstance(c, dict) for c in cands)):
+                return None
+            want = {_attr_key(a): str(v).lower() for a, v in asks.items()}
+            wrong = [[("colour" if a == "color" else a) for a, v in want.items()
+                      if str({_attr_key(k): x for k, x in c.items()}.get(a, "")).lower() != v] for c in cands]
+            if len(wrong[win - 1]) > len(wrong[2 - win]):  # attributes that contradict the label: not used
+                return None
+            noun = _NOUN[s.task]
+            seen = [_describe(c) or "an unclear subject" for c in cands]
+            pre = (f"The caption asks for {_describe(asks)}. {noun} 1 shows {seen[0]}. "
+                   f"{noun} 2 shows {seen[1]}.")
+            rats = ["matches" if not w else "wrong " + " and ".join(w) for w in wrong]
+            if rats[0] == rats[1]:  # equally (mis)matched: the label decides, say so
+                rats = ["closer to the caption" if k == win else "further from the caption" for k in (1, 2)]
+            return pre, rats
+        seen = attrs.get("seen")
+        if not isinstance(seen, dict) or not isinstance(asks, str):
+            return None
+        visual = "video" if s.task.startswith("video") else "image"
+        about = "colour" if _attr_key(asks) == "color" else asks
+        pre = f"The question asks about the {about}. The {visual} shows {_describe(seen)}."
+        answers = [_clean(a) for a in s.answers]
+        return pre, [f"{answers[k - 1]} {'fits' if k == win else 'does not fit'}" for k in (1, 2)]
+
     def write(self, s: Sample) -> str:
         if s.label not in (1, 2):
             raise UrtError(f"sample {s.key!r}: label {s.label!r} has no CoT verdict")
@@ -457,7 +501,8 @@ class RuleTeacher:
         dims = _DIMENSIONS[s.task][: self.dimensions]  # a shorter CoT (the demo's): the first N dimensions
         noun = _NOUN[s.task]
         rows = self._scores(rng, win, len(dims), s.task)
-        pre, content = self._content_rationales(s, win)
+        compact = self._compact_rationales(s, win) if self.style == "compact" else None
+        pre, content = compact if compact is not None else self._content_rationales(s, win)
         lines = ["<think>"]
         if pre:
             lines.append(pre)
@@ -477,7 +522,8 @@ class RuleTeacher:
         lines.append("Total score:")
         for k in (1, 2):
             sc = [r[k - 1] for r in rows]
-            lines.append(f"{noun} {k}: {'+'.join(map(str, sc))}={sum(sc)}")
+            lines.append(f"{noun} {k}: {sum(sc)}" if compact is not None else
+                         f"{noun} {k}: {'+'.join(map(str, sc))}={sum(sc)}")
         lines.append("</think>")
         lines.append(f"<answer>{answer_string(s.task, win)}</answer>")
         return "\n".join(lines)
