@@ -236,7 +236,7 @@ def test_ablation_grpo_no_cot():
     assert list(st) == ["grpo"]
     g = st["grpo"]
     assert g.model.name_or_path == "tiny"  # from the base model: every earlier stage is disabled
-    assert g.data.template_set == "implicit" and dict(g.reward.weights) == {"accuracy": 1.0}
+    assert g.data.template_set == "implicit" and dict(g.reward.weights) == {"accuracy_direct": 1.0}
     from urt.prompts.render import available_templates
 
     assert g.data.tasks is None and set(available_templates()["implicit"]) == set(TASKS)  # every task has a prompt

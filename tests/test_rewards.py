@@ -138,13 +138,56 @@ def test_consistency_reward_cases(text, want):
     assert consistency_reward(text) == want
 
 
+# --- accuracy_direct (direct answers under the implicit prompts) --------------------------------
+
+
+@pytest.mark.parametrize("text,label,want", [
+    ("Image 1 is better.", "Image 1 is better", 1.0),      # the implicit prompt's own example
+    ("  Image 1 is better  ", "Image 1 is better", 1.0),
+    ("Image 1 is better", "Image 1 is better.", 1.0),
+    ("<answer>Video 2 is better.</answer>", "Video 2 is better", 1.0),
+    ("Both images are equally good.", "Both images are equally good", 1.0),
+    ("Image 1 is better..", "Image 1 is better", 0.0),     # one period, not any punctuation
+    ("Image 2 is better.", "Image 1 is better", 0.0),
+    ("image 1 is better.", "Image 1 is better", 0.0),      # case still counts
+    ("Video 1 is better.", "Image 1 is better", 0.0),      # another task's string
+    ("Image 1 is better. It shows the caption.", "Image 1 is better", 0.0),
+    ("", "Image 1 is better", 0.0),
+])
+def test_accuracy_direct_accepts_the_implicit_prompts_period(text, label, want):
+    from urt.rewards import get_reward
+
+    assert get_reward("accuracy_direct")(text, label) == want
+
+
+def test_the_exact_accuracy_reward_still_refuses_the_period():
+    """CoT mode keeps the paper's exact match: accuracy_direct is a separate reward, not a change to it."""
+    assert accuracy_reward("<think>x</think><answer>Image 1 is better.</answer>", "Image 1 is better") == 0.0
+    assert accuracy_reward("Image 1 is better.", "Image 1 is better") == 0.0
+
+
+def test_accuracy_direct_agrees_with_evaluation():
+    """What evaluation counts as a correct direct answer is what GRPO w/o CoT is rewarded for."""
+    from urt.prompts import answer_string, winner_of
+    from urt.rewards import get_reward
+
+    direct = get_reward("accuracy_direct")
+    for task in ("image_generation", "video_generation", "image_understanding", "video_understanding"):
+        for label in (1, 2):
+            sol = answer_string(task, label)
+            for text in (sol, sol + ".", f" {sol}. ", answer_string(task, 3 - label) + ".", sol + "!", sol.upper()):
+                assert direct(text, sol) == float(winner_of(text, task) == label), (task, text)
+    with pytest.raises(UrtError, match="accuracy_direct"):
+        direct("Image 1 is better", "  ")
+
+
 # --- registry and score -----------------------------------------------------------------------
 
 
 def test_registry_builtin():
     assert {"format", "accuracy", "consistency"} <= set(REWARDS)
     assert get_reward("format") is format_reward
-    with pytest.raises(UrtError, match="'formatt'.*accuracy, consistency, format"):
+    with pytest.raises(UrtError, match="'formatt'.*accuracy, accuracy_direct, consistency, format"):
         get_reward("formatt")
     assert DEFAULT_WEIGHTS == {"format": 1.0, "accuracy": 1.0}
 

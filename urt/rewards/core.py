@@ -83,6 +83,25 @@ def accuracy_reward(completion: str, solution: str | None = None, **kwargs: Any)
     return 1.0 if extract_answer(completion) == solution.strip() else 0.0
 
 
+def _direct(text: str) -> str:
+    """A direct answer as evaluation reads it (urt.prompts.parse.winner_of): stripped, one trailing period off."""
+    text = text.strip()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+@register_reward("accuracy_direct")
+def accuracy_direct_reward(completion: str, solution: str | None = None, **kwargs: Any) -> float:
+    """Ours, for direct answers (the implicit, "w/o CoT" prompts): `accuracy` that also accepts one trailing
+    period on the answer. Those prompts quote their conclusions with one ("Image 1 is better."), and
+    evaluation accepts it, so the exact match would score the prompt's own example 0 and GRPO would
+    learn to drop a period rather than to judge. Anything else must match exactly, case included."""
+    if not isinstance(solution, str) or not solution.strip():
+        raise UrtError(f"accuracy_direct reward needs a non-empty label string as solution, got {solution!r}")
+    if not isinstance(completion, str) or not completion:
+        return 0.0
+    return 1.0 if _direct(extract_answer(completion)) == _direct(solution) else 0.0
+
+
 @register_reward("consistency")
 def consistency_reward(completion: str, solution: str | None = None, **kwargs: Any) -> float:
     """Ours, not the paper's: 1.0 iff the `Total score:` lines inside <think> name the same winner
