@@ -176,6 +176,28 @@ def test_keep_all_and_random(bundle, src, tmp_path, monkeypatch):
                                                                     "iu-0": CANNED["iu-0"][0]}
 
 
+def test_to_grpo_any_wrong_sends_mixed_pairs_to_grpo_too(bundle, src, tmp_path, monkeypatch):
+    """to_grpo="any_wrong": a pair with at least one wrong trace is a GRPO prompt (its groups are the ones with
+    reward variance); a pair with a correct trace still gives its SFT sample. Changing it on a rerun rebuilds
+    the shards from rollouts.jsonl without generating again."""
+    run(bundle, src, tmp_path / "o", monkeypatch)
+    fake = FakeGenerate(CANNED)
+    rep, _ = run(bundle, src, tmp_path / "o", monkeypatch, fake=fake, to_grpo="any_wrong")
+    assert fake.keys == [] and rep.resumed == 5
+    assert sorted(s.key for s in shard_samples(rep.sft_dir)) == ["ig-0", "ig-1", "iu-0"]
+    grpo = {s.key: s for s in shard_samples(rep.grpo_dir)}
+    assert sorted(grpo) == ["ig-0", "ig-1", "ig-3", "iu-1"]  # iu-0: all three traces correct
+    assert {k: s.meta["rejection"] for k, s in grpo.items()} == {
+        "ig-0": {"correct": 1, "k": 3}, "ig-1": {"correct": 2, "k": 3}, "ig-3": {"correct": 0, "k": 3},
+        "iu-1": {"correct": 0, "k": 3}}
+    assert all(s.cot is None for s in grpo.values())
+    summ = rep.summary
+    assert summ["settings"]["to_grpo"] == "any_wrong" and summ["total"]["grpo_pairs"] == 4
+    assert summ["total"]["all_wrong"] == 2 and summ["tasks"][IG]["grpo_pairs"] == 3
+    with pytest.raises(UrtError, match="to_grpo must be one of all_wrong, any_wrong"):
+        run(bundle, src, tmp_path / "bad", monkeypatch, to_grpo="majority")
+
+
 def test_order_random_presents_swapped_pairs(bundle, src, tmp_path, monkeypatch):
     seed = 5
     rep, fake = run(bundle, src, tmp_path / "o", monkeypatch, fake=FakeGenerate(None), order="random", seed=seed, k=2)

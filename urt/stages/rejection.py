@@ -4,7 +4,8 @@ The cold-started model writes K CoT judgements for every pair of the preference 
 scored with the paper's rewards (METHOD.md §3): a trace is *correct* iff format == 1 and accuracy == 1
 (its `<answer>` is exactly `answer_string(task, label)`). Pairs with at least one correct trace become
 SFT samples whose `cot` is the kept trace; pairs with none go, unchanged and without a cot, to GRPO
-(stage 3)::
+(stage 3) — with `to_grpo="any_wrong"` every pair with at least one wrong trace goes there too (the paper
+samples once per pair, so "wrongly judged" has no single reading for K > 1)::
 
     out_dir/rollouts.jsonl   header line + one line per judged pair (appended and flushed per batch)
     out_dir/sft/             SFT shards (urt.data.shards), `cot` = the kept correct trace(s)
@@ -45,6 +46,7 @@ from urt.errors import UrtError
 
 KEEP = ("first", "random", "all")
 ORDERS = ("keep", "random")
+TO_GRPO = ("all_wrong", "any_wrong")
 ON_ERROR = ("skip", "raise")
 ROLLOUTS = "rollouts.jsonl"
 SUMMARY = "summary.json"
@@ -94,7 +96,8 @@ def _kept_indices(correct: Sequence[bool], keep: str, seed: int, key: str) -> li
     return idx
 
 
-def _check_args(k, temperature, top_p, max_new_tokens, batch_size, keep, order, tasks, on_error, max_length):
+def _check_args(k, temperature, top_p, max_new_tokens, batch_size, keep, order, tasks, on_error, max_length,
+                to_grpo="all_wrong"):
     for name, v in (("k", k), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UrtError(f"{name} must be a positive integer, got {v!r}")
@@ -110,6 +113,8 @@ def _check_args(k, temperature, top_p, max_new_tokens, batch_size, keep, order, 
         raise UrtError(f"keep must be one of {', '.join(KEEP)}, got {keep!r}")
     if order not in ORDERS:
         raise UrtError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if to_grpo not in TO_GRPO:
+        raise UrtError(f"to_grpo must be one of {', '.join(TO_GRPO)}, got {to_grpo!r}")
     if on_error not in ON_ERROR:
         raise UrtError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if tasks is not None:
@@ -267,12 +272,14 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
                      template_set: str | None = None, order: str = "keep", tasks: Sequence[str] | None = None,
                      max_length: int | None = None, on_error: str = "skip", progress: bool = True,
                      resume: bool = True, read: dict | None = None, maxcount: int = 1000,
-                     limit: int | None = None) -> RejectionReport:
+                     limit: int | None = None, to_grpo: str = "all_wrong") -> RejectionReport:
     """Judge every pair of `shards` K times with `bundle` and split the pairs into SFT data (a correct
-    trace exists) and GRPO data (none); see the module docstring. `read`: extra keyword arguments of
+    trace exists) and GRPO data (none, or with `to_grpo="any_wrong"` not all); see the module docstring. `read`: extra keyword arguments of
     `urt.data.shards.read_shards` (frames, min_pixels, max_pixels, ...). Returns a RejectionReport;
     writes out_dir/{rollouts.jsonl, sft/, grpo/, summary.json}. `limit`: judge only the first `limit` pairs
-    (of the selected tasks) in shard order; the rest are not read."""
+    (of the selected tasks) in shard order; the rest are not read. `to_grpo`: which pairs go to GRPO —
+    "all_wrong" (none of the K traces correct) or "any_wrong" (at least one wrong: such a pair can give an
+    SFT sample and a GRPO prompt, and its GRPO groups are the ones likely to have reward variance)."""
     from urt.data.datamodule import swap_decision
     from urt.data.encode import OverlongSample, SampleEncoder
     from urt.data.shards import SkipStats, read_shards, write_shards
@@ -280,7 +287,7 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
     from urt.prompts import answer_string
 
     tasks = list(tasks) if tasks is not None else None
-    _check_args(k, temperature, top_p, max_new_tokens, batch_size, keep, order, tasks, on_error, max_length)
+    _check_args(k, temperature, top_p, max_new_tokens, batch_size, keep, order, tasks, on_error, max_length, to_grpo)
     seed = int(seed)
     read = dict(read or {})
     encoder = SampleEncoder(bundle.processor, bundle.family, template_set=template_set, mode="prompt",
@@ -428,6 +435,7 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
 
     sft_dir, grpo_dir = out / "sft", out / "grpo"
     grpo_keys: list[str] = []
+    grpo_correct: dict[str, int] = {}
 
     def sft_stream() -> Iterator[Sample]:
         for s, rec in pairs():
@@ -443,9 +451,12 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
                 d["tokens"] += sum(rec.get("lengths") or [])
                 d["all_wrong"] += n_ok == 0
                 d["sft_pairs"] += n_ok > 0
-                d["grpo_pairs"] += n_ok == 0
-            if n_ok == 0:
+            if n_ok == 0 or (to_grpo == "any_wrong" and n_ok < len(correct)):
                 grpo_keys.append(s.key)
+                grpo_correct[s.key] = n_ok
+                st["grpo_pairs"] += 1
+                tot["grpo_pairs"] += 1
+            if n_ok == 0:
                 continue
             base = s.swapped() if rec.get("swapped") else s
             if int(base.label) != int(rec["label"]):
@@ -470,7 +481,7 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
             n = len(rec["correct"])
             yield Sample(s.key, s.task, s.label, list(s.visuals), caption=s.caption, question=s.question,
                          answers=s.answers, cot=None, source=s.source,
-                         meta=dict(s.meta, rejection={"correct": 0, "k": n}))
+                         meta=dict(s.meta, rejection={"correct": grpo_correct[s.key], "k": n}))
 
     with open(rollouts, "rb") as fh:
         sft_shards = write_shards(sft_stream(), sft_dir, prefix="sft", maxcount=maxcount, overwrite=True)
@@ -479,7 +490,8 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
 
     summary = {
         "format": "urt-rejection-summary", "version": FORMAT_VERSION,
-        "settings": dict(settings, keep=keep, tasks=tasks, max_length=max_length, batch_size=batch_size),
+        "settings": dict(settings, keep=keep, to_grpo=to_grpo, tasks=tasks, max_length=max_length,
+                         batch_size=batch_size),
         "tasks": {t: _finish(per_task[t]) for t in TASKS if t in per_task},
         "total": _finish(tot),
         "run": {"generated": generated, "resumed": resumed, "stale_records": len(set(done) - judged)},
