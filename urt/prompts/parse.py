@@ -64,6 +64,14 @@ def _num(s: str):
     return int(f) if f.is_integer() else f
 
 
+def direct_answer(text: str) -> str:
+    """An answer string as it is matched: surrounding whitespace and one trailing period off (the implicit
+    prompts quote their strings with a period). Shared by `winner_of` and the `accuracy_direct` reward, so
+    evaluation and GRPO without CoT agree on what counts."""
+    s = text.strip()
+    return s[:-1].rstrip() if s.endswith(".") else s
+
+
 def winner_of(answer: str | None, task: str | None = None) -> Winner:
     """Map an answer string to 1, 2 or "tie". Accepts surrounding whitespace and one trailing period
     (the implicit prompts quote their strings with a period); otherwise the text must be exact,
@@ -71,9 +79,7 @@ def winner_of(answer: str | None, task: str | None = None) -> Winner:
     only that task's strings count ("Video 1 is better" is not an answer to an image pair)."""
     if not isinstance(answer, str):
         return None
-    s = answer.strip()
-    if s.endswith("."):
-        s = s[:-1].rstrip()
+    s = direct_answer(answer)
     if task is not None:
         allowed = set(ANSWER_STRINGS.get(task, ())) | ({TIE_STRINGS[task]} if task in TIE_STRINGS else set())
         if s not in allowed:

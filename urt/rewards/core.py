@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 from urt.errors import UrtError
-from urt.prompts.parse import parse_output
+from urt.prompts.parse import direct_answer, parse_output
 
 RewardFn = Callable[..., float]
 
@@ -83,12 +83,6 @@ def accuracy_reward(completion: str, solution: str | None = None, **kwargs: Any)
     return 1.0 if extract_answer(completion) == solution.strip() else 0.0
 
 
-def _direct(text: str) -> str:
-    """A direct answer as evaluation reads it (urt.prompts.parse.winner_of): stripped, one trailing period off."""
-    text = text.strip()
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
 @register_reward("accuracy_direct")
 def accuracy_direct_reward(completion: str, solution: str | None = None, **kwargs: Any) -> float:
     """Ours, for direct answers (the implicit, "w/o CoT" prompts): `accuracy` that also accepts one trailing
@@ -99,7 +93,7 @@ def accuracy_direct_reward(completion: str, solution: str | None = None, **kwarg
         raise UrtError(f"accuracy_direct reward needs a non-empty label string as solution, got {solution!r}")
     if not isinstance(completion, str) or not completion:
         return 0.0
-    return 1.0 if _direct(extract_answer(completion)) == _direct(solution) else 0.0
+    return 1.0 if direct_answer(extract_answer(completion)) == direct_answer(solution) else 0.0
 
 
 @register_reward("consistency")
