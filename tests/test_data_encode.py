@@ -217,3 +217,43 @@ def test_describe_target_trains_the_grounding_text():
         assert "describe" in str(err)
     else:
         raise AssertionError("target describe with another template set must be refused")
+
+
+def test_reason_target_and_per_sample_targets():
+    """target 'reason': urt's describe prompt plus the tag instruction, the description in a think block,
+    then the answer. A sample whose meta['target'] names another target is encoded with it, so one shard
+    set mixes cold-start CoTs and replayed grounding samples; a swapped pair cannot use the description."""
+    from data_fixtures import vqa_image
+    from urt.data.encode import SampleEncoder
+    from urt.data.schema import Sample
+    from urt.errors import UrtError
+    from urt.models import build_tiny
+
+    b = build_tiny("qwen2_5_vl")
+    desc = "Image 1 shows a blue square: blue vs red no, so Image 1 (5/10) does not match."
+    s = Sample("g1", "image_generation", 2, [vqa_image(0), vqa_image(1)], caption="a red circle",
+               meta={"describe": desc})
+    e = SampleEncoder(b.processor, "qwen2_5_vl", target="reason")(s)
+    assert e.meta["template_set"] == "reason"
+    assert b.tokenizer.decode(e.input_ids[e.labels != -100]) == (
+        f"<think>\n{desc}\n</think>\n<answer>Image 2 is better</answer><|im_end|>")
+    prompt = b.tokenizer.decode(e.input_ids[: e.prompt_length])
+    assert ("Which one shows [a red circle]? Reason inside <think> </think> tags, then give the answer inside "
+            "<answer> </answer> tags.") in prompt
+    # mixed targets: the cot encoder hands a meta['target']='reason' sample to a reason encoder
+    cot = SampleEncoder(b.processor, "qwen2_5_vl", target="cot")
+    s.meta["target"] = "reason"
+    mixed = cot(s)
+    assert mixed.meta["template_set"] == "reason" and torch.equal(mixed.input_ids, e.input_ids)
+    ok = Sample("c1", "image_generation", 1, [vqa_image(0), vqa_image(1)], caption="a red circle",
+                cot="<think>\nx\n</think>\n<answer>Image 1 is better</answer>")
+    assert cot(ok).meta["template_set"] == "paper"
+    s.meta["target"] = "poem"
+    with pytest.raises(UrtError, match=r"g1.*meta\['target'\] 'poem'"):
+        cot(s)
+    s.meta["target"] = "reason"
+    with pytest.raises(UrtError, match="g1.*order=keep"):
+        cot(s.swapped())
+    s.meta["describe_swapped"] = "Image 1 shows a red circle."
+    assert b.tokenizer.decode(cot(s.swapped()).input_ids[cot(s.swapped()).labels != -100]).startswith(
+        "<think>\nImage 1 shows a red circle.\n</think>\n<answer>Image 1 is better</answer>")

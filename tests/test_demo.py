@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -116,18 +117,39 @@ def test_rule_teacher_cot_agrees_with_the_label_on_demo_pairs():
     from urt.prompts import answer_string, parse_output
     from urt.stages.distill import RuleTeacher
 
-    t = RuleTeacher(dimensions=1)
+    t, chain = RuleTeacher(dimensions=1), RuleTeacher(style="chain")
     for s in demo_samples("train", 10):
         cot = t.write(s)
         j = parse_output(cot, s.task)
         assert j.format_ok and j.answer == answer_string(s.task, s.label)
         assert cot.count("/10)") == 2  # one dimension: two scores
         assert "shows a" in cot
-        # the grounding target describes the candidates in order and names the preferred one
-        want = f"{'Image' if s.task == 'image_generation' else 'Video'} {s.label} matches." if s.task.endswith(
-            "generation") else f"Answer {s.label} fits."
-        assert s.meta["describe"].endswith(want) and s.meta["describe"].count(" shows ") == (
-            2 if s.task.endswith("generation") else 1)
+        # the grounding target is the chain (the cold start's CoT without tags), for both orders: every check
+        # agrees with its two words, and the answer follows candidate 2's verdict
+        text = chain.write(s)
+        assert text == f"<think>\n{s.meta['describe']}\n</think>\n<answer>{answer_string(s.task, s.label)}</answer>"
+        for describe, label in ((s.meta["describe"], s.label), (s.meta["describe_swapped"], 3 - s.label)):
+            checks = re.findall(r"(\w+) vs (\w+) (yes|no)", describe)
+            assert checks and all((a == b) == (v == "yes") for a, b, v in checks), describe
+            last = describe.split("\n")[-1]
+            assert last.endswith(("matches.", "is right.") if label == 2 else ("does not match.", "is wrong."))
+
+
+def test_questions_say_what_they_ask_and_replay_pairs_are_marked(tmp_path):
+    from urt.data.shards import read_shards
+    from urt.demo.data import _understanding_attributes
+
+    seen = {"color": "red", "shape": "circle"}
+    assert _understanding_attributes("what is the red shape?", "circle", seen) == {"seen": seen, "asks": "shape"}
+    assert _understanding_attributes("what color is the circle?", "red", seen)["asks"] == "color"
+    assert _understanding_attributes("is there a blue shape?", "no", seen) == {"seen": seen, "asks": "color",
+                                                                             "asks_value": "blue"}
+    assert _understanding_attributes("does the image contain a triangle?", "no", seen)["asks_value"] == "triangle"
+    summary = build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=1, progress=False)
+    assert summary["splits"]["replay"]["tasks"] == {t: 1 for t in TASKS}
+    train, replay = list(read_shards(tmp_path / "train")), list(read_shards(tmp_path / "replay"))
+    assert {s.meta.get("target") for s in replay} == {"reason"} and all("target" not in s.meta for s in train)
+    assert not {s.key for s in train} & {s.key for s in replay}
 
 
 def _stage(acc, fmt=1.0):

@@ -7,7 +7,6 @@ import argparse
 import base64
 import io
 import json
-import re
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ from urt.data.schema import Sample, Video
 from urt.data.shards import read_shards, write_shards
 from urt.errors import UrtError
 from urt.prompts import parse_output, render_text
-from urt.rewards import consistency_reward
+from urt.rewards import consistency_reward, format_reward
 from urt.stages.distill import (
     RESULTS_NAME,
     OpenAITeacher,
@@ -359,28 +358,34 @@ def test_rule_teacher_traces_parse_and_agree():
     assert t.judge([tie])[0].status == "bad_input"
 
 
-def test_rule_teacher_compact_style_states_ask_then_candidates_then_verdict():
-    """The demo's compact CoT: what is asked first (copied from the prompt), what each candidate shows,
-    then per-candidate verdicts that follow from them; it parses, agrees with the label and is shorter."""
+def test_rule_teacher_chain_style_checks_each_attribute_then_scores_then_verdict():
+    """The demo's chain CoT: what is asked (copied from the prompt), then per candidate what it shows, one
+    check per asked attribute, a score from the checks and a verdict; the answer follows candidate 2's
+    verdict. Every step depends on the few tokens before it."""
     samples = _attr_samples()
-    full, compact = RuleTeacher(dimensions=1), RuleTeacher(dimensions=1, style="compact")
-    for s in samples:
-        text = compact.write(s)
-        j = parse_output(text, s.task)
-        assert j.format_ok and j.winner == s.label, text
-        assert j.totals[s.label] > j.totals[3 - s.label] and consistency_reward(text) == 1.0
-        assert len(text) <= len(full.write(s))
-    ig = compact.write(samples[4])  # ig1True: caption "a red circle", candidates red circle / blue circle
-    assert ig.split("\n")[1] == "The caption asks for a red circle. Image 1 shows a red circle. Image 2 shows a blue circle."
-    lines = ig.split("\n")
-    assert re.fullmatch(r"1\. Semantic consistency: Image 1 \((8|9|10)/10\) - matches; Image 2 \([1-4]/10\) - wrong colour",
-                        lines[2]), lines[2]
-    assert re.fullmatch(r"Image 1: \d+", lines[4]) and re.fullmatch(r"Image 2: \d+", lines[5])  # no addition
-    und = compact.write(samples[4 + 2])
-    assert "The question asks about the shape. The image shows a green triangle." in und
-    # attributes that contradict the label: the generic rationale, never a description that disagrees
+    t = RuleTeacher(style="chain")
+    ig = t.write(samples[4])  # ig1True: caption "a red circle", candidates red circle / blue circle
+    assert ig == ("<think>\nThe caption asks for a red circle.\n"
+                  "Image 1 shows a red circle: red vs red yes, circle vs circle yes, so Image 1 (10/10) matches.\n"
+                  "Image 2 shows a blue circle: blue vs red no, circle vs circle yes, so Image 2 (5/10) does not "
+                  "match.\n</think>\n<answer>Image 1 is better</answer>")
+    assert format_reward(ig) == 1.0 and parse_output(ig, "image_generation").winner == 1
+    # attributes that contradict the label: the full style's generic rationale, never a chain that disagrees
     contra = replace(samples[4], label=2)
-    assert "shows a red circle" not in compact.write(contra) and parse_output(compact.write(contra)).winner == 2
+    assert "red vs red yes" not in t.write(contra) and parse_output(t.write(contra)).winner == 2
+    und = Sample("u1", "image_understanding", 2, [vqa_image(0)], question="what shape is it?",
+                 answers=("circle", "triangle"), meta={"attributes": {"seen": {"color": "green", "shape": "triangle"},
+                                                                      "asks": "shape"}})
+    assert t.write(und).split("\n")[1:4] == [
+        "The question asks about the shape. The image shows a green triangle, so the answer is triangle.",
+        "Answer 1 says circle: circle vs triangle no, so Answer 1 (1/10) is wrong.",
+        "Answer 2 says triangle: triangle vs triangle yes, so Answer 2 (10/10) is right."]
+    yes_no = replace(und, question="is there a red shape?", answers=("yes", "no"),
+                     meta={"attributes": {"seen": {"color": "green", "shape": "triangle"}, "asks": "color",
+                                          "asks_value": "red"}})
+    assert t.write(yes_no).split("\n")[1] == ("The question asks whether it is red. The image shows a green "
+                                              "triangle: green vs red no, so the answer is no.")
+    assert t.chain(replace(yes_no, label=1), 1) is None  # "yes" is wrong here: no chain for that label
     with pytest.raises(UrtError, match="style"):
         RuleTeacher(style="terse")
 

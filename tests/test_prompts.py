@@ -39,8 +39,8 @@ from urt.prompts.render import URT_AUTHORED
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompts"
 PACKAGED = REPO / "urt" / "prompts" / "templates"
-# The judging prompts (the `describe` set is urt's grounding prompt: no fields, no answer; tested on its own)
-COMBOS = [(s, t) for s, ts in available_templates().items() for t in ts if s != "describe"]
+# The judging prompts (the `describe` and `reason` sets are urt's grounding prompts; tested on their own)
+COMBOS = [(s, t) for s, ts in available_templates().items() for t in ts if s not in ("describe", "reason")]
 COT_COMBOS = [(s, t) for s, t in COMBOS if s != "implicit"]
 
 FIELDS = {"caption": "a red {cube} on a table", "question": "What is it?", "answer1": "A cube.", "answer2": "A ball."}
@@ -55,7 +55,7 @@ def _needed(s, t):
 
 def test_constants():
     assert TASKS == ("image_generation", "video_generation", "image_understanding", "video_understanding")
-    assert TEMPLATE_SETS == ("paper", "qwen3", "implicit", "describe")
+    assert TEMPLATE_SETS == ("paper", "qwen3", "implicit", "describe", "reason")
     assert {s for pair in ANSWER_STRINGS.values() for s in pair} == {
         "Image 1 is better", "Image 2 is better", "Video 1 is better", "Video 2 is better",
         "Answer 1 is better", "Answer 2 is better",
@@ -543,3 +543,8 @@ def test_describe_prompts_render_and_encode_the_grounding_target(task):
         assert render_text("describe", task, question="what color is it?", answer1="red", answer2="blue") == (
             f"Describe the {noun.lower()}. Which answer fits the question [what color is it?]? "
             "Answer 1: [red] Answer 2: [blue]")
+    # `reason`: the same prompt asking for the tags (the grounding prompt of the CPU demo)
+    fields = ({"caption": "a red circle"} if task.endswith("generation") else
+              {"question": "what color is it?", "answer1": "red", "answer2": "blue"})
+    assert render_text("reason", task, **fields) == render_text("describe", task, **fields) + (
+        " Reason inside <think> </think> tags, then give the answer inside <answer> </answer> tags.")

@@ -42,7 +42,7 @@ from urt.prompts import (
 )
 
 MODES = ("sft", "prompt")
-TARGETS = ("cot", "answer", "describe")
+TARGETS = ("cot", "answer", "describe", "reason")
 IGNORE_INDEX = -100
 IM_END = "<|im_end|>"
 # Frame rate assumed for a video whose `fps` is unknown (Qwen2-VL's video processor default).
@@ -105,7 +105,11 @@ class SampleEncoder:
     string for the label (direct-answer / implicit training): the bare string with the `implicit`
     template set (whose prompts ask for it bare), `<answer>…</answer>` with the CoT sets; a "tie" label
     needs a set that offers a tie string (implicit, generation tasks); "describe" (visual grounding): the
-    `describe` prompts ("Describe the image.") and `sample.meta["describe"]` as the target.
+    `describe` prompts ("Describe the image.") and `sample.meta["describe"]` as the target; "reason": the
+    `reason` prompts (the describe prompt plus an instruction to use <think>/<answer> tags) and
+    "<think>\n{meta['describe']}\n</think>\n<answer>{answer}</answer>". A sample whose `meta["target"]`
+    names another target is encoded with that target (and its prompts): one shard set can mix, e.g.,
+    cold-start CoTs with replayed grounding samples.
 
     Qwen3.5-style templates open the assistant turn with `<think>\\n` (`ChatPrompt.assistant_prefix`):
     a CoT target must start with that prefix (a target starting `<think>` without the newline is
@@ -124,12 +128,13 @@ class SampleEncoder:
             raise UrtError(f"max_length must be a positive integer or None, got {max_length!r}")
         self.processor = processor
         self.family = family
-        if target == "describe" and template_set not in (None, "describe"):
-            raise UrtError(f"target 'describe' uses the 'describe' prompts, not template set {template_set!r}")
-        self.template_set = "describe" if target == "describe" else (template_set or default_template_set(family))
+        if target == "describe" and template_set not in (None, target):
+            raise UrtError(f"target {target!r} uses the {target!r} prompts, not template set {template_set!r}")
+        self.template_set = template_set or (target if target in ("describe", "reason") else default_template_set(family))
         self.mode = mode
         self.target = target
         self.max_length = None if max_length is None else int(max_length)
+        self._by_target: dict[str, SampleEncoder] = {}
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
         if self.im_end_id is None or self.im_end_id == self.tokenizer.unk_token_id:
@@ -140,12 +145,21 @@ class SampleEncoder:
     def target_text(self, sample: Sample) -> str:
         """The assistant completion this sample is trained on (before the chat template's prefix is
         removed and `<|im_end|>` added)."""
-        if self.target == "describe":
+        if self.target in ("describe", "reason"):
             text = sample.meta.get("describe") if isinstance(sample.meta, dict) else None
             if not isinstance(text, str) or not text.strip():
-                raise UrtError(f"sample {sample.key!r}: target 'describe' needs meta['describe'] (what the "
+                raise UrtError(f"sample {sample.key!r}: target {self.target!r} needs meta['describe'] (what the "
                                f"visuals show, e.g. 'The image shows a red circle.'), but the sample has none")
-            return text
+            if sample.meta.get("swapped"):  # the description names positions: the swapped pair needs its own
+                text = sample.meta.get("describe_swapped")
+                if not isinstance(text, str) or not text.strip():
+                    raise UrtError(f"sample {sample.key!r}: presented swapped, but it has no meta['describe_swapped'] "
+                                   f"(meta['describe'] names the candidates in their stored order); use order=keep")
+            if self.target == "describe":
+                return text
+            if sample.label not in (1, 2):
+                raise UrtError(f"sample {sample.key!r}: target 'reason' needs label 1 or 2, got {sample.label!r}")
+            return f"<think>\n{text}\n</think>\n<answer>{answer_string(sample.task, int(sample.label))}</answer>"
         if self.target == "cot":
             if not isinstance(sample.cot, str) or not sample.cot.strip():
                 raise UrtError(f"sample {sample.key!r}: target 'cot' needs a CoT trace, but the sample has none "
@@ -233,7 +247,27 @@ class SampleEncoder:
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _for_sample(self, sample: Sample) -> "SampleEncoder":
+        """The encoder for this sample: itself, or (``meta["target"]`` naming another target, e.g. replayed
+        grounding samples mixed into cold-start CoT shards) a cached one for that target."""
+        want = sample.meta.get("target") if isinstance(sample.meta, dict) else None
+        if want is None or want == self.target:
+            return self
+        if want not in TARGETS:
+            raise UrtError(f"sample {sample.key!r}: meta['target'] {want!r} is not a target; known targets: "
+                           f"{', '.join(TARGETS)}")
+        sub = self._by_target.get(want)
+        if sub is None:
+            own = want in ("describe", "reason")  # these targets have their own prompts
+            sub = self._by_target[want] = SampleEncoder(
+                self.processor, self.family, template_set=None if own else self.template_set, mode=self.mode,
+                target=want, max_length=self.max_length)
+        return sub
+
     def __call__(self, sample: Sample) -> Encoded:
+        enc = self._for_sample(sample)
+        if enc is not self:
+            return enc(sample)
         key = sample.key
         prompt = self._render(sample)
         meta: dict[str, Any] = {"source": sample.source, "template_set": self.template_set, "mode": self.mode,

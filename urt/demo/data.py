@@ -22,6 +22,7 @@ visual-grounding target ("Image 1 shows a red circle. Image 2 shows … Image 1 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -130,16 +131,37 @@ def _describe(at: dict[str, str]) -> str:
     return text + (f" moving {at['motion']}" if "motion" in at else "")
 
 
-def _describe_pair(noun: str, cands: list[dict[str, str]], label: int) -> str:
-    """The grounding target of a generation pair (SampleEncoder target "describe"; the prompt names the
-    caption): what each candidate shows, then which one matches the caption — "Image 1 shows a red circle.
-    Image 2 shows a blue triangle. Image 1 matches." """
-    return " ".join([*(f"{noun} {k} shows {_describe(c)}." for k, c in enumerate(cands, 1)), f"{noun} {label} matches."])
+def _with_describe(s: Sample) -> Sample:
+    """The grounding targets (SampleEncoder targets "describe"/"reason"; the prompt names the caption or
+    the question): the rule teacher's chain-style reasoning without tags — what each candidate shows, one
+    check per asked attribute, a score and verdict per candidate (urt.stages.distill.RuleTeacher.chain) —
+    for the pair as stored (`describe`) and swapped (`describe_swapped`, for order=random training)."""
+    from urt.stages.distill import RuleTeacher
+
+    teacher = RuleTeacher(style="chain")
+    sw = s.swapped()
+    attrs = dict(s.meta["attributes"])
+    if "candidates" in attrs:
+        attrs["candidates"] = list(reversed(attrs["candidates"]))
+    sw.meta["attributes"] = attrs
+    texts = [teacher.chain(x, x.label) for x in (s, sw)]
+    if any(t is None for t in texts):  # pragma: no cover - every demo sample names its attributes
+        raise UrtError(f"demo sample {s.key}: its attributes give no reasoning chain")
+    s.meta["describe"], s.meta["describe_swapped"] = ("\n".join(t) for t in texts)
+    return s
 
 
-def _describe_single(visual: str, at: dict[str, str], label: int) -> str:
-    """The grounding target of an understanding pair: what the visual shows, then which answer fits."""
-    return f"The {visual} shows {_describe(at)}. Answer {label} fits."
+def _understanding_attributes(question: str, answer: str, seen: dict[str, str]) -> dict:
+    """What an image-understanding question asks: the attribute, and for yes/no questions the value
+    it names ("is there a red shape?" -> color, red)."""
+    asks = _asks(question, answer)
+    out = {"seen": dict(seen), "asks": asks}
+    if answer in ("yes", "no"):
+        vocab = COLORS if asks == "color" else SHAPES
+        named = [w for w in re.findall(r"[a-z]+", question.lower()) if w in vocab]
+        if named:
+            out["asks_value"] = named[0]
+    return out
 
 
 @dataclass
@@ -197,10 +219,14 @@ def _understanding_qas(split: str, attrs: dict[int, dict[str, str]]) -> list[tup
 
 
 def _asks(question: str, answer: str) -> str:
-    words = set(re.findall(r"[a-z]+", question.lower()))
-    if answer in COLORS or "color" in words or words & set(COLORS):
+    """The attribute a question asks about: the answer's kind, or for yes/no the kind of word it names
+    ("what is the red shape?" asks the shape)."""
+    if answer in COLORS:
         return "color"
-    return "shape"
+    if answer in SHAPES:
+        return "shape"
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    return "color" if "color" in words or words & set(COLORS) else "shape"
 
 
 def demo_samples(split: str, n_per_task: int, *, seed: int = 0, frames: int = 4, step: int = 6,
@@ -232,7 +258,7 @@ def demo_samples(split: str, n_per_task: int, *, seed: int = 0, frames: int = 4,
         for t in tasks:
             if made[t] < n_per_task:
                 made[t] += 1
-                yield next(gens[t])
+                yield _with_describe(next(gens[t]))
 
 
 def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[Sample]:
@@ -265,15 +291,14 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             yield Sample(key=key, task=task, label=label, caption=_describe(at),
                          visuals=[image(c) for c in cands], source=f"easy-vqa/{split}",
                          meta={"attributes": {"asks": dict(at), "candidates": ca}, "differs_in": kind,
-                               "image_ids": cands, "describe": _describe_pair("Image", ca, label)})
+                               "image_ids": cands})
         elif task == "image_understanding":
             q, a, wrong, i = rng.choice(qas)
             w = rng.choice(wrong)
             label, answers = _place(rng, a, w)
             yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
                          visuals=[image(i)], source=f"easy-vqa/{split}",
-                         meta={"attributes": {"seen": dict(pool.attrs[i]), "asks": _asks(q, a)}, "image_ids": [i],
-                               "describe": _describe_single("image", pool.attrs[i], label)})
+                         meta={"attributes": _understanding_attributes(q, a, pool.attrs[i]), "image_ids": [i]})
         elif task == "video_understanding":
             i = rng.choice(pool.ids)
             at = dict(pool.attrs[i], motion=rng.choice(MOTIONS))
@@ -290,8 +315,7 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             label, answers = _place(rng, a, w)
             yield Sample(key=key, task=task, label=label, question=q, answers=tuple(answers),
                          visuals=[clip(i, at["motion"])], source=f"easy-vqa/{split}",
-                         meta={"attributes": {"seen": at, "asks": kind}, "image_ids": [i],
-                               "describe": _describe_single("video", at, label)})
+                         meta={"attributes": {"seen": at, "asks": kind}, "image_ids": [i]})
         elif task == "video_generation":
             i = rng.choice(pool.ids)
             at = dict(pool.attrs[i], motion=rng.choice(MOTIONS))
@@ -308,23 +332,28 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             yield Sample(key=key, task=task, label=label, caption=_describe(at), visuals=cands,
                          source=f"easy-vqa/{split}",
                          meta={"attributes": {"asks": dict(at), "candidates": [dict(c) for c in ca]},
-                               "differs_in": kind, "image_ids": [i, j] if label == 1 else [j, i],
-                               "describe": _describe_pair("Video", ca, label)})
+                               "differs_in": kind, "image_ids": [i, j] if label == 1 else [j, i]})
         else:  # pragma: no cover - checked by demo_samples
             raise UrtError(f"unknown task {task!r}")
 
 
-def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, seed: int = 0,
-                    frames: int = 4, step: int = 6, image_size: int = 112, video_size: int = 84,
+def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, replay_per_task: int = 0,
+                    seed: int = 0, frames: int = 4, step: int = 6, image_size: int = 112, video_size: int = 84,
                     progress: bool = True, overwrite: bool = False) -> dict:
     """Write `out_dir/train` (easy-vqa train images) and `out_dir/test` (test images) shard sets and
     `out_dir/summary.json`; returns the summary. A finished build (summary.json with the same settings)
-    is reused."""
+    is reused. `replay_per_task` > 0 also writes `out_dir/replay`: further pairs from the train images
+    marked ``meta["target"] = "reason"`` (the grounding prompts and target, urt.data.encode), for mixing
+    into a later stage's shards so that training on one task does not erase the others (the demo's cold
+    start)."""
     from urt.data.shards import write_shards
 
     out = Path(out_dir)
-    settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "seed": seed, "frames": frames,
-                "step": step, "image_size": image_size, "video_size": video_size, "version": 3}
+    if replay_per_task < 0:
+        raise UrtError(f"replay_per_task must be >= 0, got {replay_per_task}")
+    settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
+                "seed": seed, "frames": frames, "step": step, "image_size": image_size, "video_size": video_size,
+                "version": 4}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         try:
@@ -336,28 +365,38 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
         raise UrtError(f"{out} holds demo data built with other settings ({old.get('settings')}); "
                        f"pick another directory or delete it")
     summary: dict = {"settings": settings, "splits": {}}
-    for split, n in (("train", train_per_task), ("test", test_per_task)):
-        stats: Counter = Counter()
+    # replay pairs continue the train stream (same images, new pairs, keys after the train ones); the
+    # stream is round-robin over the tasks, so its first 4 * train_per_task pairs are exactly the train set
+    left_out = {"train": Counter(), "test": Counter()}  # images without usable attributes (image_attributes)
+    streams = {split: demo_samples(split, n, seed=seed, frames=frames, step=step, image_size=image_size,
+                                   video_size=video_size, stats=left_out[split])
+               for split, n in (("train", train_per_task + replay_per_task), ("test", test_per_task))}
+    parts = [("train", "train", train_per_task), ("replay", "train", replay_per_task), ("test", "test", test_per_task)]
+    for name, split, n in parts:
+        if name == "replay" and not n:
+            continue
         counts: Counter = Counter()
         labels: Counter = Counter()
 
         def counted(it):
             for s in it:
+                if name == "replay":
+                    s.meta["target"] = "reason"
                 counts[s.task] += 1
                 labels[s.label] += 1
                 yield s
 
-        samples = counted(demo_samples(split, n, seed=seed, frames=frames, step=step, image_size=image_size,
-                                          video_size=video_size, stats=stats))
+        samples = counted(itertools.islice(streams[split], 4 * n))
         if progress:
             from rich.progress import track
 
-            samples = track(samples, total=4 * n, description=f"demo data ({split})", transient=True)
-        write_shards(samples, out / split, prefix="demo", maxcount=500, overwrite=True)
-        summary["splits"][split] = {"pairs": sum(counts.values()), "tasks": dict(counts),
-                                    "labels": {str(k): v for k, v in labels.items()},
-                                    "images_left_out": dict(stats)}
-        if stats:
-            log.info("easy-vqa %s: %s image(s) left out (%s)", split, sum(stats.values()), dict(stats))
+            samples = track(samples, total=4 * n, description=f"demo data ({name})", transient=True)
+        write_shards(samples, out / name, prefix="demo", maxcount=500, overwrite=True)
+        summary["splits"][name] = {"pairs": sum(counts.values()), "tasks": dict(counts),
+                                   "labels": {str(k): v for k, v in labels.items()}}
+    for split, st in left_out.items():
+        summary["splits"][split]["images_left_out"] = dict(st)
+        if st:
+            log.info("easy-vqa %s: %s image(s) left out (%s)", split, sum(st.values()), dict(st))
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from urt.errors import UrtError
 
 TASKS = ("image_generation", "video_generation", "image_understanding", "video_understanding")
-TEMPLATE_SETS = ("paper", "qwen3", "implicit", "describe")
+TEMPLATE_SETS = ("paper", "qwen3", "implicit", "describe", "reason")
 FAMILIES = ("llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 FIELDS = ("caption", "question", "answer1", "answer2")
 
@@ -33,10 +33,12 @@ ANSWER_STRINGS: dict[str, tuple[str, str]] = {
 # has no video-understanding prompt, so `implicit/video_understanding` is its image-understanding prompt with
 # "image" read as "video" (the demo's stage-0 base model answers all four tasks directly).
 # The `describe` set (visual grounding: "Describe the image." -> "The image shows a red circle.", the SampleEncoder's
-# target "describe") is urt's own too: a short prompt that teaches perception cheaply before judging.
+# target "describe") is urt's own too: a short prompt that teaches perception cheaply before judging; `reason` is
+# the same prompt asking for <think>/<answer> tags (target "reason": the description in a think block, then the
+# answer), the stand-in for an instruct model's general format following.
 URT_AUTHORED = (("implicit", "video_understanding"),
-                *(("describe", t) for t in ("image_generation", "video_generation", "image_understanding",
-                                            "video_understanding")))
+                *((s, t) for s in ("describe", "reason") for t in ("image_generation", "video_generation",
+                                                                  "image_understanding", "video_understanding")))
 # Only the implicit ("w/o CoT") generation prompts offer a tie; CoT mode has no tie string.
 TIE_STRINGS: dict[str, str] = {
     "image_generation": "Both images are equally good",

@@ -288,6 +288,7 @@ _DIMENSIONS = {
     "image_understanding": ("Semantic accuracy", "Correctness", "Clarity"),
     "video_understanding": ("Semantic accuracy", "Correctness", "Clarity"),
 }
+_CHAIN_SCORE = (10, 5, 2, 1)  # chain style: score by the number of failed checks
 _NOUN = {"image_generation": "Image", "video_generation": "Video",
          "image_understanding": "Answer", "video_understanding": "Answer"}
 _GENERIC_GOOD = {
@@ -329,7 +330,7 @@ def _clean(text: str) -> str:
     return " ".join(str(text).replace("<", "(").replace(">", ")").split())
 
 
-TEACHER_STYLES = ("full", "compact")
+TEACHER_STYLES = ("full", "chain")
 
 
 class RuleTeacher:
@@ -344,10 +345,9 @@ class RuleTeacher:
     ``meta["attributes"]`` gives them (see the module docstring), and generic text otherwise. Tie labels
     cannot be written in CoT mode and are returned as ``bad_input``.
 
-    ``style="compact"`` (the CPU demo's) writes the same layout with each step a local consequence of the
-    one before, for a model learning from scratch: first what the caption/question asks (copied from the
-    prompt's last line), then what each candidate shows, then a short verdict per candidate ("matches",
-    "wrong colour") beside its score, and totals without the addition."""
+    ``style="chain"`` (the CPU demo's, see ``chain``) writes a reasoning chain in which every step is a
+    function of the few tokens just before it — what a model learning from scratch can pick up in
+    minutes; samples without usable attributes get the full style."""
 
     name = "rule"
 
@@ -460,8 +460,11 @@ class RuleTeacher:
                 f"asked about in '{question}'" for k in (1, 2)]
         return None, rats
 
-    def _compact_rationales(self, s: Sample, win: int) -> tuple[str, list[str]] | None:
-        """The compact style's (preamble, [verdict for candidate 1, for 2]); None without usable attributes."""
+    def chain(self, s: Sample, win: int | None = None) -> list[str] | None:
+        """The chain style's reasoning lines; None without usable attributes. Every step is computed from
+        the few tokens just before it (what a model learning from scratch can do): what is asked (copied
+        from the prompt), what a candidate shows, one check per asked attribute ("teal vs brown no"), the
+        candidate's score from its checks, its verdict; the answer then follows candidate 2's verdict."""
         attrs = s.meta.get("attributes") if isinstance(s.meta, dict) else None
         if not isinstance(attrs, dict):
             return None
@@ -472,26 +475,50 @@ class RuleTeacher:
                     and all(isinstance(c, dict) for c in cands)):
                 return None
             want = {_attr_key(a): str(v).lower() for a, v in asks.items()}
-            wrong = [[("colour" if a == "color" else a) for a, v in want.items()
-                      if str({_attr_key(k): x for k, x in c.items()}.get(a, "")).lower() != v] for c in cands]
-            if len(wrong[win - 1]) > len(wrong[2 - win]):  # attributes that contradict the label: not used
-                return None
             noun = _NOUN[s.task]
-            seen = [_describe(c) or "an unclear subject" for c in cands]
-            pre = (f"The caption asks for {_describe(asks)}. {noun} 1 shows {seen[0]}. "
-                   f"{noun} 2 shows {seen[1]}.")
-            rats = ["matches" if not w else "wrong " + " and ".join(w) for w in wrong]
-            if rats[0] == rats[1]:  # equally (mis)matched: the label decides, say so
-                rats = ["closer to the caption" if k == win else "further from the caption" for k in (1, 2)]
-            return pre, rats
-        seen = attrs.get("seen")
-        if not isinstance(seen, dict) or not isinstance(asks, str):
+            lines = [f"The caption asks for {_describe(asks)}."]
+            verdicts = []
+            for k, c in enumerate(cands, 1):
+                got = {_attr_key(a): str(v).lower() for a, v in c.items()}
+                checks = [(got.get(a, "unclear"), v) for a, v in want.items()]
+                wrong = sum(g != v for g, v in checks)
+                verdicts.append(wrong == 0)
+                lines.append(f"{noun} {k} shows {_describe(c)}: "
+                             + ", ".join(f"{g} vs {v} {'yes' if g == v else 'no'}" for g, v in checks)
+                             + f", so {noun} {k} ({_CHAIN_SCORE[min(wrong, 3)]}/10) "
+                             + ("matches." if wrong == 0 else "does not match."))
+        else:
+            seen = attrs.get("seen")
+            if not isinstance(seen, dict) or not isinstance(asks, str):
+                return None
+            seen = {_attr_key(a): str(v).lower() for a, v in seen.items()}
+            asked = _attr_key(asks)
+            visual = "video" if s.task.startswith("video") else "image"
+            value = attrs.get("asks_value")
+            if value is not None:  # a yes/no question about one attribute value
+                value = str(value).lower()
+                truth = "yes" if seen.get(asked) == value else "no"
+                lines = [f"The question asks whether it is {value}. The {visual} shows {_describe(seen)}: "
+                         f"{seen.get(asked)} vs {value} {truth}, so the answer is {truth}."]
+            else:
+                truth = seen.get(asked)
+                if truth is None:
+                    return None
+                about = "colour" if asked == "color" else asked
+                lines = [f"The question asks about the {about}. The {visual} shows {_describe(seen)}, "
+                         f"so the answer is {truth}."]
+            verdicts = []
+            for k, a in enumerate(s.answers, 1):
+                a = _clean(a).lower()
+                verdicts.append(a == truth)
+                lines.append(f"Answer {k} says {a}: {a} vs {truth} {'yes' if a == truth else 'no'}, so Answer {k} "
+                             f"({_CHAIN_SCORE[0] if a == truth else _CHAIN_SCORE[3]}/10) is "
+                             + ("right." if a == truth else "wrong."))
+        if win is not None and verdicts[win - 1] == verdicts[2 - win]:
+            return None  # attributes that do not single out the label: no consistent chain
+        if win is not None and not verdicts[win - 1]:
             return None
-        visual = "video" if s.task.startswith("video") else "image"
-        about = "colour" if _attr_key(asks) == "color" else asks
-        pre = f"The question asks about the {about}. The {visual} shows {_describe(seen)}."
-        answers = [_clean(a) for a in s.answers]
-        return pre, [f"{answers[k - 1]} {'fits' if k == win else 'does not fit'}" for k in (1, 2)]
+        return lines
 
     def write(self, s: Sample) -> str:
         if s.label not in (1, 2):
@@ -501,8 +528,11 @@ class RuleTeacher:
         dims = _DIMENSIONS[s.task][: self.dimensions]  # a shorter CoT (the demo's): the first N dimensions
         noun = _NOUN[s.task]
         rows = self._scores(rng, win, len(dims), s.task)
-        compact = self._compact_rationales(s, win) if self.style == "compact" else None
-        pre, content = compact if compact is not None else self._content_rationales(s, win)
+        if self.style == "chain":
+            body = self.chain(s, win)
+            if body is not None:
+                return "\n".join(["<think>", *body, "</think>", f"<answer>{answer_string(s.task, win)}</answer>"])
+        pre, content = self._content_rationales(s, win)
         lines = ["<think>"]
         if pre:
             lines.append(pre)
@@ -522,8 +552,7 @@ class RuleTeacher:
         lines.append("Total score:")
         for k in (1, 2):
             sc = [r[k - 1] for r in rows]
-            lines.append(f"{noun} {k}: {sum(sc)}" if compact is not None else
-                         f"{noun} {k}: {'+'.join(map(str, sc))}={sum(sc)}")
+            lines.append(f"{noun} {k}: {'+'.join(map(str, sc))}={sum(sc)}")
         lines.append("</think>")
         lines.append(f"<answer>{answer_string(s.task, win)}</answer>")
         return "\n".join(lines)
