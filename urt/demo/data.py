@@ -15,9 +15,12 @@ pairs use test images), so held-out evaluation never sees a training image:
 
 The preferred candidate's position is drawn per pair (seeded), so a constant verdict scores 0.5.
 `meta["attributes"]` records what the rule teacher (urt.stages.distill.RuleTeacher) needs to write
-paper-format CoT that states what each candidate shows and what the prompt asks; `meta["describe"]` is the
-visual-grounding target ("Image 1 shows a red circle. Image 2 shows … Image 1 matches.", SampleEncoder target
-"describe", under urt's short `describe` prompts that name the caption or question and answers).
+CoT (for yes/no questions also the value asked about, `asks_value`); `meta["describe"]` and
+`meta["describe_swapped"]` are the grounding targets for the stored and the swapped order: the teacher's chain
+("The caption asks for a red circle. / Image 1 shows a red circle: red vs red yes, circle vs circle yes, so
+Image 1 (10/10) matches. / …", SampleEncoder targets "describe" and "reason", under urt's short prompts that
+name the caption or the question and answers). The optional `replay` split holds more train-image pairs marked
+`meta["target"] = "reason"`, to mix into a later stage's shards.
 """
 
 from __future__ import annotations
