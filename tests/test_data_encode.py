@@ -255,5 +255,6 @@ def test_reason_target_and_per_sample_targets():
     with pytest.raises(UrtError, match="g1.*order=keep"):
         cot(s.swapped())
     s.meta["describe_swapped"] = "Image 1 shows a red circle."
-    assert b.tokenizer.decode(cot(s.swapped()).input_ids[cot(s.swapped()).labels != -100]).startswith(
-        "<think>\nImage 1 shows a red circle.\n</think>\n<answer>Image 1 is better</answer>")
+    sw = cot(s.swapped())
+    assert b.tokenizer.decode(sw.input_ids[sw.labels != -100]) == (
+        "<think>\nImage 1 shows a red circle.\n</think>\n<answer>Image 1 is better</answer><|im_end|>")

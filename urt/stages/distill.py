@@ -514,24 +514,21 @@ class RuleTeacher:
                 lines.append(f"Answer {k} says {a}: {a} vs {truth} {'yes' if a == truth else 'no'}, so Answer {k} "
                              f"({_CHAIN_SCORE[0] if a == truth else _CHAIN_SCORE[3]}/10) is "
                              + ("right." if a == truth else "wrong."))
-        if win is not None and verdicts[win - 1] == verdicts[2 - win]:
+        if win is not None and not (verdicts[win - 1] and not verdicts[2 - win]):
             return None  # attributes that do not single out the label: no consistent chain
-        if win is not None and not verdicts[win - 1]:
-            return None
         return lines
 
     def write(self, s: Sample) -> str:
         if s.label not in (1, 2):
             raise UrtError(f"sample {s.key!r}: label {s.label!r} has no CoT verdict")
         win = int(s.label)
+        body = self.chain(s, win) if self.style == "chain" else None
+        if body is not None:
+            return "\n".join(["<think>", *body, "</think>", f"<answer>{answer_string(s.task, win)}</answer>"])
         rng = random.Random(f"{self.seed}:{s.key}")
         dims = _DIMENSIONS[s.task][: self.dimensions]  # a shorter CoT (the demo's): the first N dimensions
         noun = _NOUN[s.task]
         rows = self._scores(rng, win, len(dims), s.task)
-        if self.style == "chain":
-            body = self.chain(s, win)
-            if body is not None:
-                return "\n".join(["<think>", *body, "</think>", f"<answer>{answer_string(s.task, win)}</answer>"])
         pre, content = self._content_rationales(s, win)
         lines = ["<think>"]
         if pre:
