@@ -238,8 +238,8 @@ def test_reason_target_and_per_sample_targets():
     assert b.tokenizer.decode(e.input_ids[e.labels != -100]) == (
         f"<think>\n{desc}\n</think>\n<answer>Image 2 is better</answer><|im_end|>")
     prompt = b.tokenizer.decode(e.input_ids[: e.prompt_length])
-    assert ("Which one shows [a red circle]? Reason inside <think> </think> tags, then give the answer inside "
-            "<answer> </answer> tags.") in prompt
+    assert ("which one shows the caption. Reason inside <think> </think> tags, then give the answer inside "
+            "<answer> </answer> tags.\nText Caption: [a red circle]") in prompt
     # mixed targets: the cot encoder hands a meta['target']='reason' sample to a reason encoder
     cot = SampleEncoder(b.processor, "qwen2_5_vl", target="cot")
     s.meta["target"] = "reason"
@@ -258,3 +258,16 @@ def test_reason_target_and_per_sample_targets():
     sw = cot(s.swapped())
     assert b.tokenizer.decode(sw.input_ids[sw.labels != -100]) == (
         "<think>\nImage 1 shows a red circle.\n</think>\n<answer>Image 1 is better</answer><|im_end|>")
+    # replayed direct answers: meta['template_set'] names the implicit prompts, whose answer is bare
+    direct = Sample("d1", "image_generation", 2, [vqa_image(0), vqa_image(1)], caption="a red circle",
+                    meta={"target": "answer", "template_set": "implicit"})
+    d = cot(direct)
+    assert d.meta["template_set"] == "implicit"
+    assert b.tokenizer.decode(d.input_ids[d.labels != -100]) == "Image 2 is better<|im_end|>"
+    assert "You are given a text caption and two generated images" in b.tokenizer.decode(d.input_ids[: d.prompt_length])
+    direct.meta["template_set"] = "paper"  # the CoT prompts with a direct answer: in tags
+    assert b.tokenizer.decode(cot(direct).input_ids[cot(direct).labels != -100]) == (
+        "<answer>Image 2 is better</answer><|im_end|>")
+    s.meta["template_set"] = "implicit"
+    with pytest.raises(UrtError, match="g1.*'implicit' with target 'reason', which has its own prompts"):
+        cot(s)

@@ -145,11 +145,17 @@ def test_questions_say_what_they_ask_and_replay_pairs_are_marked(tmp_path):
     assert _understanding_attributes("is there a blue shape?", "no", seen) == {"seen": seen, "asks": "color",
                                                                              "asks_value": "blue"}
     assert _understanding_attributes("does the image contain a triangle?", "no", seen)["asks_value"] == "triangle"
-    summary = build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=1, progress=False)
+    summary = build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=1,
+                              direct_replay_per_task=1, progress=False)
     assert summary["splits"]["replay"]["tasks"] == {t: 1 for t in TASKS}
+    assert summary["splits"]["replay_direct"]["tasks"] == {t: 1 for t in TASKS}
     train, replay = list(read_shards(tmp_path / "train")), list(read_shards(tmp_path / "replay"))
+    direct = list(read_shards(tmp_path / "replay_direct"))
     assert {s.meta.get("target") for s in replay} == {"reason"} and all("target" not in s.meta for s in train)
-    assert not {s.key for s in train} & {s.key for s in replay}
+    assert all(s.meta["target"] == "answer" and s.meta["template_set"] == "implicit" for s in direct)
+    assert len({s.key for s in train} | {s.key for s in replay} | {s.key for s in direct}) == 4 * (2 + 1 + 1)
+    with pytest.raises(UrtError, match="direct_replay_per_task must be >= 0"):
+        build_demo_data(tmp_path / "x", train_per_task=2, test_per_task=1, direct_replay_per_task=-1)
 
 
 def _stage(acc, fmt=1.0):

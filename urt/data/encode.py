@@ -106,10 +106,11 @@ class SampleEncoder:
     template set (whose prompts ask for it bare), `<answer>…</answer>` with the CoT sets; a "tie" label
     needs a set that offers a tie string (implicit, generation tasks); "describe" (visual grounding): the
     `describe` prompts ("Describe the image.") and `sample.meta["describe"]` as the target; "reason": the
-    `reason` prompts (the describe prompt plus an instruction to use <think>/<answer> tags) and
+    `reason` prompts (the describe request, an instruction to use <think>/<answer> tags, then the fields) and
     "<think>\n{meta['describe']}\n</think>\n<answer>{answer}</answer>". A sample whose `meta["target"]`
-    names another target is encoded with that target (and its prompts): one shard set can mix, e.g.,
-    cold-start CoTs with replayed grounding samples.
+    names another target is encoded with that target (and its prompts), one whose `meta["template_set"]`
+    names another template set with those prompts: one shard set can mix, e.g., cold-start CoTs with
+    replayed grounding samples and replayed direct answers under the implicit prompts.
 
     Qwen3.5-style templates open the assistant turn with `<think>\\n` (`ChatPrompt.assistant_prefix`):
     a CoT target must start with that prefix (a target starting `<think>` without the newline is
@@ -134,7 +135,7 @@ class SampleEncoder:
         self.mode = mode
         self.target = target
         self.max_length = None if max_length is None else int(max_length)
-        self._by_target: dict[str, SampleEncoder] = {}
+        self._by_target: dict[tuple[str, str | None], SampleEncoder] = {}
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
         if self.im_end_id is None or self.im_end_id == self.tokenizer.unk_token_id:
@@ -248,20 +249,27 @@ class SampleEncoder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _for_sample(self, sample: Sample) -> "SampleEncoder":
-        """The encoder for this sample: itself, or (``meta["target"]`` naming another target, e.g. replayed
-        grounding samples mixed into cold-start CoT shards) a cached one for that target."""
-        want = sample.meta.get("target") if isinstance(sample.meta, dict) else None
-        if want is None or want == self.target:
+        """The encoder for this sample: itself, or a cached one for the target and/or template set the sample
+        names in ``meta["target"]`` / ``meta["template_set"]`` (e.g. replayed grounding samples, or the base's
+        direct-answer pairs under the implicit prompts, mixed into cold-start CoT shards)."""
+        meta = sample.meta if isinstance(sample.meta, dict) else {}
+        want, tset = meta.get("target"), meta.get("template_set")
+        if (want is None or want == self.target) and (tset is None or tset == self.template_set):
             return self
+        want = want or self.target
         if want not in TARGETS:
             raise UrtError(f"sample {sample.key!r}: meta['target'] {want!r} is not a target; known targets: "
                            f"{', '.join(TARGETS)}")
-        sub = self._by_target.get(want)
+        own = want in ("describe", "reason")  # these targets have their own prompts
+        if own and tset is not None and tset != want:
+            raise UrtError(f"sample {sample.key!r}: meta['template_set'] {tset!r} with target {want!r}, which has "
+                           f"its own prompts")
+        template_set = None if own else (tset or self.template_set)
+        sub = self._by_target.get((want, template_set))
         if sub is None:
-            own = want in ("describe", "reason")  # these targets have their own prompts
-            sub = self._by_target[want] = SampleEncoder(
-                self.processor, self.family, template_set=None if own else self.template_set, mode=self.mode,
-                target=want, max_length=self.max_length)
+            sub = self._by_target[want, template_set] = SampleEncoder(
+                self.processor, self.family, template_set=template_set, mode=self.mode, target=want,
+                max_length=self.max_length)
         return sub
 
     def __call__(self, sample: Sample) -> Encoded:

@@ -20,7 +20,8 @@ CoT (for yes/no questions also the value asked about, `asks_value`); `meta["desc
 ("The caption asks for a red circle. / Image 1 shows a red circle: red vs red yes, circle vs circle yes, so
 Image 1 (10/10) matches. / …", SampleEncoder targets "describe" and "reason", under urt's short prompts that
 name the caption or the question and answers). The optional `replay` split holds more train-image pairs marked
-`meta["target"] = "reason"`, to mix into a later stage's shards.
+`meta["target"] = "reason"`, and `replay_direct` more still marked `meta["target"] = "answer"`,
+`meta["template_set"] = "implicit"` (the base's direct answers), to mix into a later stage's shards.
 """
 
 from __future__ import annotations
@@ -341,22 +342,27 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
 
 
 def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, replay_per_task: int = 0,
-                    seed: int = 0, frames: int = 4, step: int = 6, image_size: int = 112, video_size: int = 84,
-                    progress: bool = True, overwrite: bool = False) -> dict:
+                    direct_replay_per_task: int = 0, seed: int = 0, frames: int = 4, step: int = 6,
+                    image_size: int = 112, video_size: int = 84, progress: bool = True,
+                    overwrite: bool = False) -> dict:
     """Write `out_dir/train` (easy-vqa train images) and `out_dir/test` (test images) shard sets and
     `out_dir/summary.json`; returns the summary. A finished build (summary.json with the same settings)
     is reused. `replay_per_task` > 0 also writes `out_dir/replay`: further pairs from the train images
     marked ``meta["target"] = "reason"`` (the grounding prompts and target, urt.data.encode), for mixing
     into a later stage's shards so that training on one task does not erase the others (the demo's cold
-    start)."""
+    start). `direct_replay_per_task` > 0 writes `out_dir/replay_direct` likewise, marked
+    ``meta["target"] = "answer"`` and ``meta["template_set"] = "implicit"``: the base's direct answers under the
+    implicit prompts, so that a stage learning CoT under the paper prompts still sees the other prompt style
+    answered directly (the cue for CoT is then the prompt's instruction, not the task)."""
     from urt.data.shards import write_shards
 
     out = Path(out_dir)
-    if replay_per_task < 0:
-        raise UrtError(f"replay_per_task must be >= 0, got {replay_per_task}")
+    for name, n in (("replay_per_task", replay_per_task), ("direct_replay_per_task", direct_replay_per_task)):
+        if n < 0:
+            raise UrtError(f"{name} must be >= 0, got {n}")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
-                "seed": seed, "frames": frames, "step": step, "image_size": image_size, "video_size": video_size,
-                "version": 4}
+                "direct_replay_per_task": direct_replay_per_task, "seed": seed, "frames": frames, "step": step,
+                "image_size": image_size, "video_size": video_size, "version": 5}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         try:
@@ -371,20 +377,22 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
     # replay pairs continue the train stream (same images, new pairs, keys after the train ones); the
     # stream is round-robin over the tasks, so its first 4 * train_per_task pairs are exactly the train set
     left_out = {"train": Counter(), "test": Counter()}  # images without usable attributes (image_attributes)
+    n_train = train_per_task + replay_per_task + direct_replay_per_task
     streams = {split: demo_samples(split, n, seed=seed, frames=frames, step=step, image_size=image_size,
                                    video_size=video_size, stats=left_out[split])
-               for split, n in (("train", train_per_task + replay_per_task), ("test", test_per_task))}
-    parts = [("train", "train", train_per_task), ("replay", "train", replay_per_task), ("test", "test", test_per_task)]
+               for split, n in (("train", n_train), ("test", test_per_task))}
+    parts = [("train", "train", train_per_task), ("replay", "train", replay_per_task),
+             ("replay_direct", "train", direct_replay_per_task), ("test", "test", test_per_task)]
+    marks = {"replay": {"target": "reason"}, "replay_direct": {"target": "answer", "template_set": "implicit"}}
     for name, split, n in parts:
-        if name == "replay" and not n:
+        if name in marks and not n:
             continue
         counts: Counter = Counter()
         labels: Counter = Counter()
 
         def counted(it):
             for s in it:
-                if name == "replay":
-                    s.meta["target"] = "reason"
+                s.meta.update(marks.get(name, {}))
                 counts[s.task] += 1
                 labels[s.label] += 1
                 yield s

@@ -3,11 +3,13 @@
 `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10) runs FlashAttention-2 over variable-length
 sequences given by cumulative lengths, exactly what a packed batch needs. Without it, transformers attends
 over a packed row with sdpa through a dense (sum of lengths)^2 block-diagonal mask, which falls off the flash
-backend and does ~T/L times the attention work (measured on an H100: the 3B SFT step at 11% MFU).
+backend and does ~T/L times the attention work (a 3B SFT step on an H200: 11.7% MFU with sdpa, 31.1% with
+this; README, Performance).
 
-`VARLEN` ("urt_varlen") is registered as a transformers attention implementation (`register()`, done when
-urt.models is imported), so `load_model(..., attn_implementation="auto")` picks it on CUDA when flash-attn
-is missing and torch has the kernel. The attention function takes the varlen kernel when the call is
+`VARLEN` ("urt_varlen") is registered as a transformers attention implementation (`register()`, which
+`urt.models.loading.choose_attn_implementation` calls whenever it returns this name), so
+`load_model(..., attn_implementation="auto")` picks it on CUDA when flash-attn is missing and torch has the
+kernel. The attention function takes the varlen kernel when the call is
 padding-free self-attention (no mask, as many queries as keys: training forwards, packed or not, and
 unpadded prefills) and hands every other call (padding masks, decoding with a cache) to transformers' sdpa
 function unchanged, so results there are sdpa's. Where the kernel cannot run (CPU, fp32, dropout) a packed
@@ -31,12 +33,9 @@ kernels for a "flash" name).
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 
 import torch
-
-log = logging.getLogger(__name__)
 
 VARLEN = "urt_varlen"
 VISION_VARLEN = "urt_flash_varlen_vision"
