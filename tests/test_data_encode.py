@@ -238,8 +238,8 @@ def test_reason_target_and_per_sample_targets():
     assert b.tokenizer.decode(e.input_ids[e.labels != -100]) == (
         f"<think>\n{desc}\n</think>\n<answer>Image 2 is better</answer><|im_end|>")
     prompt = b.tokenizer.decode(e.input_ids[: e.prompt_length])
-    assert ("which one shows the caption. Reason inside <think> </think> tags, then give the answer inside "
-            "<answer> </answer> tags.\nText Caption: [a red circle]") in prompt
+    assert ("Which one shows [a red circle]? Reason inside <think> </think> tags, then give the answer inside "
+            "<answer> </answer> tags.") in prompt
     # mixed targets: the cot encoder hands a meta['target']='reason' sample to a reason encoder
     cot = SampleEncoder(b.processor, "qwen2_5_vl", target="cot")
     s.meta["target"] = "reason"

@@ -153,9 +153,16 @@ def test_questions_say_what_they_ask_and_replay_pairs_are_marked(tmp_path):
     direct = list(read_shards(tmp_path / "replay_direct"))
     assert {s.meta.get("target") for s in replay} == {"reason"} and all("target" not in s.meta for s in train)
     assert all(s.meta["target"] == "answer" and s.meta["template_set"] == "implicit" for s in direct)
-    assert len({s.key for s in train} | {s.key for s in replay} | {s.key for s in direct}) == 4 * (2 + 1 + 1)
+    assert not {s.key for s in train} & {s.key for s in replay}
+    # the base's own pairs again: the first train pair of each task, same visuals, now marked
+    assert [s.key for s in direct] == [s.key for s in train[:4]]
+    assert all(np.array_equal(np.asarray(d.visuals[0] if not isinstance(d.visuals[0], Video) else d.visuals[0].frames[0]),
+                              np.asarray(t.visuals[0] if not isinstance(t.visuals[0], Video) else t.visuals[0].frames[0]))
+               for d, t in zip(direct, train))
     with pytest.raises(UrtError, match="direct_replay_per_task must be >= 0"):
         build_demo_data(tmp_path / "x", train_per_task=2, test_per_task=1, direct_replay_per_task=-1)
+    with pytest.raises(UrtError, match=r"direct_replay_per_task \(3\) replays train pairs: at most train_per_task \(2\)"):
+        build_demo_data(tmp_path / "y", train_per_task=2, test_per_task=1, direct_replay_per_task=3)
 
 
 def _stage(acc, fmt=1.0):

@@ -543,16 +543,8 @@ def test_describe_prompts_render_and_encode_the_grounding_target(task):
         assert render_text("describe", task, question="what color is it?", answer1="red", answer2="blue") == (
             f"Describe the {noun.lower()}. Which answer fits the question [what color is it?]? "
             "Answer 1: [red] Answer 2: [blue]")
-    # `reason` (the grounding prompt of the CPU demo): the request and the tag instruction first, then the fields
-    # laid out exactly as the task's paper prompt ends, so that the tag instruction, not where the prompt ends,
-    # is what tells a CoT prompt from an implicit one
+    # `reason`: the same prompt asking for the tags (the grounding prompt of the CPU demo)
     fields = ({"caption": "a red circle"} if task.endswith("generation") else
               {"question": "what color is it?", "answer1": "red", "answer2": "blue"})
-    reason = render_text("reason", task, **fields)
-    ask = (f"Describe {noun} 1 and {noun} 2 and say which one shows the caption." if task.endswith("generation")
-           else f"Describe the {noun.lower()} and say which answer fits the question.")
-    instruction = " Reason inside <think> </think> tags, then give the answer inside <answer> </answer> tags.\n"
-    assert reason.startswith(ask + instruction)
-    tail = reason[len(ask + instruction):]
-    assert tail.startswith("Text Caption: [a red circle]" if task.endswith("generation") else "Question: ")
-    assert render_text("paper", task, **fields).rstrip("\n").endswith(tail)  # video und. keeps a final newline
+    assert render_text("reason", task, **fields) == render_text("describe", task, **fields) + (
+        " Reason inside <think> </think> tags, then give the answer inside <answer> </answer> tags.")

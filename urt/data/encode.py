@@ -106,7 +106,7 @@ class SampleEncoder:
     template set (whose prompts ask for it bare), `<answer>…</answer>` with the CoT sets; a "tie" label
     needs a set that offers a tie string (implicit, generation tasks); "describe" (visual grounding): the
     `describe` prompts ("Describe the image.") and `sample.meta["describe"]` as the target; "reason": the
-    `reason` prompts (the describe request, an instruction to use <think>/<answer> tags, then the fields) and
+    `reason` prompts (the describe prompt plus an instruction to use <think>/<answer> tags) and
     "<think>\n{meta['describe']}\n</think>\n<answer>{answer}</answer>". A sample whose `meta["target"]`
     names another target is encoded with that target (and its prompts), one whose `meta["template_set"]`
     names another template set with those prompts: one shard set can mix, e.g., cold-start CoTs with

@@ -20,8 +20,9 @@ CoT (for yes/no questions also the value asked about, `asks_value`); `meta["desc
 ("The caption asks for a red circle. / Image 1 shows a red circle: red vs red yes, circle vs circle yes, so
 Image 1 (10/10) matches. / …", SampleEncoder targets "describe" and "reason", under urt's short prompts that
 name the caption or the question and answers). The optional `replay` split holds more train-image pairs marked
-`meta["target"] = "reason"`, and `replay_direct` more still marked `meta["target"] = "answer"`,
-`meta["template_set"] = "implicit"` (the base's direct answers), to mix into a later stage's shards.
+`meta["target"] = "reason"`, and `replay_direct` the first train pairs again marked `meta["target"] = "answer"`,
+`meta["template_set"] = "implicit"` (the base's own direct-answer pairs, rehearsed), to mix into a later stage's
+shards.
 """
 
 from __future__ import annotations
@@ -350,16 +351,19 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
     is reused. `replay_per_task` > 0 also writes `out_dir/replay`: further pairs from the train images
     marked ``meta["target"] = "reason"`` (the grounding prompts and target, urt.data.encode), for mixing
     into a later stage's shards so that training on one task does not erase the others (the demo's cold
-    start). `direct_replay_per_task` > 0 writes `out_dir/replay_direct` likewise, marked
-    ``meta["target"] = "answer"`` and ``meta["template_set"] = "implicit"``: the base's direct answers under the
-    implicit prompts, so that a stage learning CoT under the paper prompts still sees the other prompt style
-    answered directly (the cue for CoT is then the prompt's instruction, not the task)."""
-    from urt.data.shards import write_shards
+    start). `direct_replay_per_task` > 0 writes `out_dir/replay_direct`: the first that many train pairs of
+    each task again, read back from `out_dir/train` and marked ``meta["target"] = "answer"``,
+    ``meta["template_set"] = "implicit"`` (the base's own direct-answer training pairs, rehearsed), so that a
+    stage learning CoT under the paper prompts still sees the implicit prompts answered directly."""
+    from urt.data.shards import read_shards, write_shards
 
     out = Path(out_dir)
     for name, n in (("replay_per_task", replay_per_task), ("direct_replay_per_task", direct_replay_per_task)):
         if n < 0:
             raise UrtError(f"{name} must be >= 0, got {n}")
+    if direct_replay_per_task > train_per_task:
+        raise UrtError(f"direct_replay_per_task ({direct_replay_per_task}) replays train pairs: at most "
+                       f"train_per_task ({train_per_task})")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
                 "direct_replay_per_task": direct_replay_per_task, "seed": seed, "frames": frames, "step": step,
                 "image_size": image_size, "video_size": video_size, "version": 5}
@@ -377,12 +381,13 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
     # replay pairs continue the train stream (same images, new pairs, keys after the train ones); the
     # stream is round-robin over the tasks, so its first 4 * train_per_task pairs are exactly the train set
     left_out = {"train": Counter(), "test": Counter()}  # images without usable attributes (image_attributes)
-    n_train = train_per_task + replay_per_task + direct_replay_per_task
     streams = {split: demo_samples(split, n, seed=seed, frames=frames, step=step, image_size=image_size,
                                    video_size=video_size, stats=left_out[split])
-               for split, n in (("train", n_train), ("test", test_per_task))}
+               for split, n in (("train", train_per_task + replay_per_task), ("test", test_per_task))}
+    # the base's own pairs again: the train stream's first pairs, read back as written (round-robin over tasks)
+    streams["train_again"] = read_shards(out / "train", frames=frames)
     parts = [("train", "train", train_per_task), ("replay", "train", replay_per_task),
-             ("replay_direct", "train", direct_replay_per_task), ("test", "test", test_per_task)]
+             ("replay_direct", "train_again", direct_replay_per_task), ("test", "test", test_per_task)]
     marks = {"replay": {"target": "reason"}, "replay_direct": {"target": "answer", "template_set": "implicit"}}
     for name, split, n in parts:
         if name in marks and not n:

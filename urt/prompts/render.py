@@ -34,10 +34,8 @@ ANSWER_STRINGS: dict[str, tuple[str, str]] = {
 # "image" read as "video" (the demo's stage-0 base model answers all four tasks directly).
 # The `describe` set (visual grounding: "Describe the image." -> "The image shows a red circle.", the SampleEncoder's
 # target "describe") is urt's own too: a short prompt that teaches perception cheaply before judging; `reason` is
-# the same request asking for <think>/<answer> tags (target "reason": the description in a think block, then the
-# answer), the stand-in for an instruct model's general format following; its fields come last, laid out as the
-# task's paper prompt ends, so that a model trained on it tells CoT prompts from implicit ones (whose fields come
-# last too) by the tag instruction rather than by how the prompt ends.
+# the same prompt asking for <think>/<answer> tags (target "reason": the description in a think block, then the
+# answer), the stand-in for an instruct model's general format following.
 URT_AUTHORED = (("implicit", "video_understanding"),
                 *((s, t) for s in ("describe", "reason") for t in ("image_generation", "video_generation",
                                                                   "image_understanding", "video_understanding")))
