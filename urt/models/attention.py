@@ -200,7 +200,7 @@ def _varlen_mask(*args, **kwargs):
 
     try:
         bound = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
-    except TypeError:
+    except TypeError:  # a transformers whose sdpa_mask takes other arguments: the keywords given decide
         bound = kwargs
     q_len = bound.get("q_length")
     if q_len is None and bound.get("cache_position") is not None:
