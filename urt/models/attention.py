@@ -12,8 +12,9 @@ this; README, Performance).
 kernel. The attention function takes the varlen kernel when the call is
 padding-free self-attention (no mask, as many queries as keys: training forwards, packed or not, and
 unpadded prefills) and hands every other call (padding masks, decoding with a cache) to transformers' sdpa
-function unchanged, so results there are sdpa's. Where the kernel cannot run (CPU, fp32, dropout) a packed
-row goes to sdpa with the block-diagonal mask built here, so `VARLEN` is exact on every device.
+function unchanged, so results there are sdpa's. Under autocast (bf16-mixed training) the kernel runs in
+autocast's dtype, as sdpa would. Where the kernel cannot run (CPU, plain fp32, dropout) a packed row goes to
+sdpa with the block-diagonal mask built here, so `VARLEN` is exact on every device.
 
 Sequence boundaries, in order of preference:
 
@@ -33,9 +34,12 @@ kernels for a "flash" name).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 
 import torch
+
+log = logging.getLogger(__name__)
 
 VARLEN = "urt_varlen"
 VISION_VARLEN = "urt_flash_varlen_vision"
@@ -111,9 +115,34 @@ class _Boundaries:
 _BOUNDARIES = _Boundaries()
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def kernel_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The half dtype the kernel runs these queries in: their own, or under autocast (bf16-mixed training:
+    fp32 weights, and RoPE's fp32 cos/sin promote q and k to fp32) autocast's, as sdpa would; None for plain
+    fp32 (the kernel has no fp32 path)."""
+    if query.dtype in HALF:
+        return query.dtype
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in HALF:
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+_WARNED_FP32 = False
+
+
 def _kernel_for(query: torch.Tensor):
-    """The varlen kernel for these queries, or None (it runs on CUDA, in half precision only)."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+    """The varlen kernel for these queries, or None (it runs on CUDA, in half precision or under autocast)."""
+    global _WARNED_FP32
+    if not query.is_cuda:
+        return None
+    if kernel_dtype(query) is None:
+        if not _WARNED_FP32:
+            _WARNED_FP32 = True
+            log.warning("urt_varlen: fp32 attention on CUDA has no varlen kernel; packed rows run sdpa with a dense "
+                        "block-diagonal mask (slow). Train in bf16 or bf16-mixed.")
         return None
     return varlen_kernel()
 
@@ -168,9 +197,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                          is_causal=is_causal, **kwargs)
         return _sdpa(module, query, key, value, _block_mask(cu, b, tq, causal), dropout=dropout,
                      scaling=scaling, is_causal=False, **kwargs)
-    q = query.transpose(1, 2).reshape(b * tq, hq, d)
-    k = key.transpose(1, 2).reshape(b * tk, hkv, d)
-    v = value.transpose(1, 2).reshape(b * tk, hkv, d)
+    dtype = kernel_dtype(query) or query.dtype
+    q = query.transpose(1, 2).reshape(b * tq, hq, d).to(dtype)
+    k = key.transpose(1, 2).reshape(b * tk, hkv, d).to(dtype)
+    v = value.transpose(1, 2).reshape(b * tk, hkv, d).to(dtype)
     opts = _options()
     call = {}
     if hkv != hq:
