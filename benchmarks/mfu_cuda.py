@@ -57,8 +57,8 @@ call per block), else sdpa. --compile-regions torch.compiles the RMSNorm and MLP
 
 The packed-vs-padded check runs the same sequences (with images) packed (one row, per-sample mRoPE
 positions, no attention mask) and right-padded (attention mask), for flash_attention_2 when importable,
-urt_varlen when this torch has the kernel, and sdpa, and reports max |delta logit| and max |delta log-prob| of the next tokens. The tolerance is absolute
-1e-4 in fp32. In bf16 (8-bit significand, unit roundoff 2^-8) packed and padded runs go through different
+urt_varlen when this torch has the kernel, and sdpa, and reports max |delta logit| and max |delta log-prob|
+of the next tokens. The tolerance is absolute 1e-4 in fp32. In bf16 (8-bit significand, unit roundoff 2^-8) packed and padded runs go through different
 kernels and matmul shapes, so their rounding differs and compounds over the 36 layers: the tolerance is
 4x the measured noise floor between two equally correct runs (padded batch vs each sequence alone,
 unpadded) plus 2^-5 of the largest |logit| (4 bf16 steps at that magnitude, for when the floor happens to

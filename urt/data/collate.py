@@ -28,6 +28,7 @@ import torch
 
 from urt.data.encode import IGNORE_INDEX, QWEN_FAMILIES, Encoded
 from urt.errors import UrtError
+from urt.models.attention import VARLEN
 from urt.models.families import get_family
 
 log = logging.getLogger(__name__)
@@ -244,11 +245,10 @@ def _pad_id(bundle) -> int:
 
 def packing_pays(bundle) -> bool:
     """Whether packing is the faster layout for this model: only with variable-length kernels (flash-attn's,
-    or torch's own under `urt.models.attention.VARLEN`). With sdpa/eager, transformers attends over a packed row through a dense block-diagonal mask,
-    (sum of lengths)^2 instead of the sum of squares: measured on CPU (benchmarks/grpo_vs_trl.py), a packed
-    GRPO step was 2x slower than the padded one with identical log-probs."""
-    from urt.models.attention import VARLEN
-
+    or torch's own under `urt.models.attention.VARLEN`). With sdpa/eager, transformers attends over a packed
+    row through a dense block-diagonal mask, (sum of lengths)^2 instead of the sum of squares: measured on CPU
+    (benchmarks/grpo_vs_trl.py), a packed GRPO step was 2x slower than the padded one with identical
+    log-probs."""
     impl = str(getattr(getattr(bundle.model, "config", None), "_attn_implementation", None) or "")
     return impl.startswith("flash") or impl == VARLEN
 
