@@ -269,5 +269,19 @@ def test_reason_target_and_per_sample_targets():
     assert b.tokenizer.decode(cot(direct).input_ids[cot(direct).labels != -100]) == (
         "<answer>Image 2 is better</answer><|im_end|>")
     s.meta["template_set"] = "implicit"
-    with pytest.raises(UrtError, match="g1.*'implicit' with target 'reason', which has its own prompts"):
+    with pytest.raises(UrtError, match="g1.*'implicit' with target 'reason', which takes the 'reason' or 'fields'"):
         cot(s)
+    # a sample's own instruction before the paper prompts' field lines (the demo's instructed grounding pairs)
+    s.meta.update({"template_set": "fields", "preamble": "Reason in <think> tags.\nSay which one shows it.\n"})
+    f = cot(s)
+    prompt = b.tokenizer.decode(f.input_ids[: f.prompt_length])
+    assert f.meta["template_set"] == "fields"
+    assert prompt.endswith("Reason in <think> tags.\nSay which one shows it.\nText Caption: [a red circle]"
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    assert b.tokenizer.decode(f.input_ids[f.labels != -100]) == (
+        f"<think>\n{desc}\n</think>\n<answer>Image 2 is better</answer><|im_end|>")
+    s.meta["preamble"] = 3
+    with pytest.raises(UrtError, match="g1.*preamble must be a string"):
+        cot(s)
+    with pytest.raises(UrtError, match="target 'reason' uses the 'reason' or 'fields' prompts, not template set 'paper'"):
+        SampleEncoder(b.processor, "qwen2_5_vl", template_set="paper", target="reason")

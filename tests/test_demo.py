@@ -165,6 +165,48 @@ def test_questions_say_what_they_ask_and_replay_pairs_are_marked(tmp_path):
         build_demo_data(tmp_path / "y", train_per_task=2, test_per_task=1, direct_replay_per_task=3)
 
 
+def test_instructed_replay_pairs_vary_the_instruction_but_keep_the_tag_cue(tmp_path):
+    """`instructed_share` of the replayed grounding pairs are prompted by a varied instruction (rubric lines of the
+    implicit prompts, a tag instruction somewhere in it, the request) before the paper prompts' field lines;
+    they encode to the grounding chain, and the tag instruction is the only thing the implicit prompts lack."""
+    from urt.data.encode import SampleEncoder
+    from urt.data.shards import read_shards
+    from urt.demo.data import _REQUESTS, _TAG_ASKS, _rubric_lines
+    from urt.models import build_tiny
+
+    build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=8, instructed_share=0.5,
+                    progress=False)
+    replay = list(read_shards(tmp_path / "replay"))
+    instructed = [s for s in replay if "preamble" in s.meta]
+    assert 0 < len(instructed) < len(replay)
+    assert all(s.meta["template_set"] == "fields" and s.meta["target"] == "reason" for s in instructed)
+    assert all("template_set" not in s.meta for s in replay if s not in instructed)
+    rubric = set(_rubric_lines())
+    assert not any("<think>" in line for line in rubric)
+    lengths = set()
+    for s in instructed:
+        lines = s.meta["preamble"].rstrip("\n").split("\n")
+        assert lines[-1] == _REQUESTS[s.task]
+        assert sum(line in _TAG_ASKS for line in lines) == 1
+        assert all(line in rubric for line in lines[:-1] if line not in _TAG_ASKS)
+        lengths.add(len(lines))
+    assert len(lengths) > 1
+    b = build_tiny("qwen2_5_vl")
+    s = instructed[0]
+    e = SampleEncoder(b.processor, "qwen2_5_vl", target="answer", template_set="implicit")(s)
+    prompt = b.tokenizer.decode(e.input_ids[: e.prompt_length])
+    assert s.meta["preamble"] in prompt and ("Text Caption: [" in prompt or "Answer 2: " in prompt)
+    assert b.tokenizer.decode(e.input_ids[e.labels != -100]).startswith(f"<think>\n{s.meta['describe']}\n</think>")
+    # same settings, same data: the build is reused; another share is another build
+    assert build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=8, instructed_share=0.5,
+                           progress=False)["settings"]["instructed_share"] == 0.5
+    with pytest.raises(UrtError, match="other settings"):
+        build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=8, instructed_share=0.25,
+                        progress=False)
+    with pytest.raises(UrtError, match="instructed_share .* between 0 and 1, got 1.5"):
+        build_demo_data(tmp_path / "z", train_per_task=2, test_per_task=1, instructed_share=1.5)
+
+
 def _stage(acc, fmt=1.0):
     return {"overall": acc, "format_rate": fmt, "answer_1_rate": 0.5, "gold_1_rate": 0.5,
             "tasks": {t: acc for t in TASKS}}

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prompts"
 PACKAGED = REPO / "urt" / "prompts" / "templates"
 # The judging prompts (the `describe` and `reason` sets are urt's grounding prompts; tested on their own)
-COMBOS = [(s, t) for s, ts in available_templates().items() for t in ts if s not in ("describe", "reason")]
+COMBOS = [(s, t) for s, ts in available_templates().items() for t in ts if s not in ("describe", "reason", "fields")]
 COT_COMBOS = [(s, t) for s, t in COMBOS if s != "implicit"]
 
 FIELDS = {"caption": "a red {cube} on a table", "question": "What is it?", "answer1": "A cube.", "answer2": "A ball."}
@@ -55,7 +55,7 @@ def _needed(s, t):
 
 def test_constants():
     assert TASKS == ("image_generation", "video_generation", "image_understanding", "video_understanding")
-    assert TEMPLATE_SETS == ("paper", "qwen3", "implicit", "describe", "reason")
+    assert TEMPLATE_SETS == ("paper", "qwen3", "implicit", "describe", "reason", "fields")
     assert {s for pair in ANSWER_STRINGS.values() for s in pair} == {
         "Image 1 is better", "Image 2 is better", "Video 1 is better", "Video 2 is better",
         "Answer 1 is better", "Answer 2 is better",
@@ -548,3 +548,20 @@ def test_describe_prompts_render_and_encode_the_grounding_target(task):
               {"question": "what color is it?", "answer1": "red", "answer2": "blue"})
     assert render_text("reason", task, **fields) == render_text("describe", task, **fields) + (
         " Reason inside <think> </think> tags, then give the answer inside <answer> </answer> tags.")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_fields_are_the_paper_prompts_last_lines_after_a_samples_own_preamble(task):
+    """The `fields` set is exactly how each paper prompt ends (its field lines, brackets and final newline as
+    the paper prompt has them); `render_chat(preamble=...)` puts a sample's own instruction before them."""
+    fields = ({"caption": "a red circle"} if task.endswith("generation") else
+              {"question": "what color is it?", "answer1": "red", "answer2": "blue"})
+    tail = render_text("fields", task, **fields)
+    assert render_text("paper", task, **fields).endswith("\n" + tail)
+    assert "<think>" not in tail and tail.count("\n") <= 3
+    visuals = {"image_generation": ["a.png", "b.png"], "image_understanding": ["a.png"],
+               "video_generation": [["a.png"] * 2, ["b.png"] * 2], "video_understanding": [["a.png"] * 2]}[task]
+    p = render_chat("qwen2_5_vl", "fields", task, fields=fields, visuals=visuals, preamble="Reason in <think>.\n")
+    assert p.user_text == "Reason in <think>.\n" + tail
+    with pytest.raises(UrtError, match="preamble must be a string"):
+        render_chat("qwen2_5_vl", "fields", task, fields=fields, visuals=visuals, preamble=None)

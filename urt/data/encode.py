@@ -89,6 +89,11 @@ class Encoded:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
+# Targets with prompts of their own: "describe" its set; "reason" its set, or the bare `fields` after a sample's
+# own instruction (meta["preamble"]).
+_OWN_SETS = {"describe": ("describe",), "reason": ("reason", "fields")}
+
+
 def _tie_string(task: str, template_set: str) -> str | None:
     """The tie answer string when the template set offers one (only the implicit generation prompts)."""
     if template_set == "implicit" and task in TIE_STRINGS:
@@ -129,8 +134,9 @@ class SampleEncoder:
             raise UrtError(f"max_length must be a positive integer or None, got {max_length!r}")
         self.processor = processor
         self.family = family
-        if target == "describe" and template_set not in (None, target):
-            raise UrtError(f"target {target!r} uses the {target!r} prompts, not template set {template_set!r}")
+        if target in _OWN_SETS and template_set not in (None, *_OWN_SETS[target]):
+            raise UrtError(f"target {target!r} uses the {' or '.join(repr(x) for x in _OWN_SETS[target])} prompts, "
+                           f"not template set {template_set!r}")
         self.template_set = template_set or (target if target in ("describe", "reason") else default_template_set(family))
         self.mode = mode
         self.target = target
@@ -227,8 +233,10 @@ class SampleEncoder:
                 raise UrtError(f"sample {sample.key!r}: video is still encoded ({v.format} bytes); decode and "
                                f"sample its frames before encoding (urt.data.shards does this when reading)")
         try:
+            preamble = sample.meta.get("preamble", "") if isinstance(sample.meta, dict) else ""
             prompt = render_chat(self.family, self.template_set, sample.task, fields=sample.fields(),
-                                 visuals=visuals, processor=self.processor, add_generation_prompt=True)
+                                 visuals=visuals, processor=self.processor, add_generation_prompt=True,
+                                 preamble=preamble)
         except UrtError as err:
             raise UrtError(f"sample {sample.key!r}: {err}") from None
         if self.target in ("answer", "describe") and prompt.assistant_prefix and prompt.messages is not None:
@@ -260,11 +268,11 @@ class SampleEncoder:
         if want not in TARGETS:
             raise UrtError(f"sample {sample.key!r}: meta['target'] {want!r} is not a target; known targets: "
                            f"{', '.join(TARGETS)}")
-        own = want in ("describe", "reason")  # these targets have their own prompts
-        if own and tset is not None and tset != want:
-            raise UrtError(f"sample {sample.key!r}: meta['template_set'] {tset!r} with target {want!r}, which has "
-                           f"its own prompts")
-        template_set = None if own else (tset or self.template_set)
+        own = want in ("describe", "reason")  # these targets have their own prompts ("reason" also the `fields`)
+        if own and tset is not None and tset not in _OWN_SETS[want]:
+            raise UrtError(f"sample {sample.key!r}: meta['template_set'] {tset!r} with target {want!r}, which takes "
+                           f"the {' or '.join(repr(x) for x in _OWN_SETS[want])} prompts")
+        template_set = (tset if own and tset is not None else None) if own else (tset or self.template_set)
         sub = self._by_target.get((want, template_set))
         if sub is None:
             sub = self._by_target[want, template_set] = SampleEncoder(

@@ -342,8 +342,53 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
             raise UrtError(f"unknown task {task!r}")
 
 
+# The replayed grounding pairs as varied instruction data (stage 0's stand-in for a VLM's instruction tuning): a
+# 1M-parameter model trained on one short prompt per task follows it only at that length and only when the tag
+# instruction comes last; under a long rubric ending in the field lines (the paper prompts) it answered directly.
+# So `instructed_share` of the replayed pairs get a preamble: a random run of lines from urt's implicit-prompt
+# bodies (no tags there) with one of several tag instructions somewhere in it and the request, then the `fields`
+# set's field lines. The tag instruction is then the one cue that separates them from the implicit prompts.
+_TAG_ASKS = (
+    "Reason inside <think> </think> tags, then give the answer inside <answer> </answer> tags.",
+    "Put your reasoning in <think> and </think>, and the final answer in <answer> and </answer>.",
+    "Think step by step within <think> </think> tags and answer within <answer> </answer> tags.",
+)
+_REQUESTS = {
+    "image_generation": "Describe Image 1 and Image 2, then say which one shows the caption.",
+    "video_generation": "Describe Video 1 and Video 2, then say which one shows the caption.",
+    "image_understanding": "Describe the image, then say which answer fits the question.",
+    "video_understanding": "Describe the video, then say which answer fits the question.",
+}
+
+
+@lru_cache(maxsize=None)
+def _rubric_lines() -> tuple[str, ...]:
+    """The instruction lines of urt's implicit prompts (all tasks), without their field lines."""
+    from urt.prompts import TASKS, load_template
+
+    lines: list[str] = []
+    for task in TASKS:
+        for line in load_template("implicit", task).splitlines():
+            if line.strip() and "{" not in line:
+                lines.append(line)
+    return tuple(lines)
+
+
+def instructed(s: Sample, rng: random.Random) -> Sample:
+    """Mark a grounding pair to be prompted by a varied instruction (see `_TAG_ASKS`): `meta["preamble"]`, the
+    `fields` template set, target "reason"."""
+    pool = _rubric_lines()
+    n = rng.randint(0, 12)
+    start = rng.randrange(len(pool))
+    lines = [pool[(start + i) % len(pool)] for i in range(n)]
+    lines.insert(rng.randint(0, len(lines)), rng.choice(_TAG_ASKS))
+    lines.append(_REQUESTS[s.task])
+    s.meta.update({"target": "reason", "template_set": "fields", "preamble": "\n".join(lines) + "\n"})
+    return s
+
+
 def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, replay_per_task: int = 0,
-                    direct_replay_per_task: int = 0, seed: int = 0, frames: int = 4, step: int = 6,
+                    direct_replay_per_task: int = 0, instructed_share: float = 0.0, seed: int = 0, frames: int = 4, step: int = 6,
                     image_size: int = 112, video_size: int = 84, progress: bool = True,
                     overwrite: bool = False) -> dict:
     """Write `out_dir/train` (easy-vqa train images) and `out_dir/test` (test images) shard sets and
@@ -361,12 +406,15 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
     for name, n in (("replay_per_task", replay_per_task), ("direct_replay_per_task", direct_replay_per_task)):
         if n < 0:
             raise UrtError(f"{name} must be >= 0, got {n}")
+    if not 0.0 <= instructed_share <= 1.0:
+        raise UrtError(f"instructed_share is the share of replayed grounding pairs given a varied instruction: "
+                       f"between 0 and 1, got {instructed_share}")
     if direct_replay_per_task > train_per_task:
         raise UrtError(f"direct_replay_per_task ({direct_replay_per_task}) replays train pairs: at most "
                        f"train_per_task ({train_per_task})")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
-                "direct_replay_per_task": direct_replay_per_task, "seed": seed, "frames": frames, "step": step,
-                "image_size": image_size, "video_size": video_size, "version": 5}
+                "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share, "seed": seed, "frames": frames, "step": step,
+                "image_size": image_size, "video_size": video_size, "version": 6}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         try:
@@ -395,9 +443,13 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
         counts: Counter = Counter()
         labels: Counter = Counter()
 
+        instruct_rng = random.Random(f"{seed}-instructed")
+
         def counted(it):
             for s in it:
                 s.meta.update(marks.get(name, {}))
+                if name == "replay" and instruct_rng.random() < instructed_share:
+                    instructed(s, instruct_rng)
                 counts[s.task] += 1
                 labels[s.label] += 1
                 yield s

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from urt.errors import UrtError
 
 TASKS = ("image_generation", "video_generation", "image_understanding", "video_understanding")
-TEMPLATE_SETS = ("paper", "qwen3", "implicit", "describe", "reason")
+TEMPLATE_SETS = ("paper", "qwen3", "implicit", "describe", "reason", "fields")
 FAMILIES = ("llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 FIELDS = ("caption", "question", "answer1", "answer2")
 
@@ -35,10 +35,13 @@ ANSWER_STRINGS: dict[str, tuple[str, str]] = {
 # The `describe` set (visual grounding: "Describe the image." -> "The image shows a red circle.", the SampleEncoder's
 # target "describe") is urt's own too: a short prompt that teaches perception cheaply before judging; `reason` is
 # the same prompt asking for <think>/<answer> tags (target "reason": the description in a think block, then the
-# answer), the stand-in for an instruct model's general format following.
+# answer), the stand-in for an instruct model's general format following. `fields` is only the field lines that
+# end the paper prompts (their layout, brackets as each paper prompt has them): a sample's own instruction goes
+# before them (`render_chat(preamble=...)`, the encoder's `meta["preamble"]`), as in varied instruction data.
 URT_AUTHORED = (("implicit", "video_understanding"),
-                *((s, t) for s in ("describe", "reason") for t in ("image_generation", "video_generation",
-                                                                  "image_understanding", "video_understanding")))
+                *((s, t) for s in ("describe", "reason", "fields") for t in ("image_generation", "video_generation",
+                                                                            "image_understanding",
+                                                                            "video_understanding")))
 # Only the implicit ("w/o CoT") generation prompts offer a tie; CoT mode has no tie string.
 TIE_STRINGS: dict[str, str] = {
     "image_generation": "Both images are equally good",
@@ -221,6 +224,7 @@ def render_chat(
     visuals: Sequence[Any],
     processor: Any = None,
     add_generation_prompt: bool = True,
+    preamble: str = "",
 ) -> ChatPrompt:
     """Render the model input for one judgement, the way each released family expects it.
 
@@ -230,10 +234,13 @@ def render_chat(
     it did for the released model); with the `qwen3` set a video pair is sent as ONE video whose
     first half is video 1 and second half video 2, as the qwen3 prompt says. llava_onevision is
     rendered here as LLaVA's `qwen_1_5` ChatML conversation with `<image>` tokens per image/frame
-    (`processor` is not needed and ignored; the HF processor expands each `<image>`).
+    (`processor` is not needed and ignored; the HF processor expands each `<image>`). `preamble` is text put
+    before the filled template (a sample's own instruction, e.g. before the `fields` set's field lines).
     """
     _check_family(family)
-    user_text = render_text(template_set, task, **_check_fields(fields))
+    if not isinstance(preamble, str):
+        raise UrtError(f"preamble must be a string, got {type(preamble).__name__}")
+    user_text = preamble + render_text(template_set, task, **_check_fields(fields))
     vis = _check_visuals(task, visuals)
     video = task.startswith("video_")
 
