@@ -22,7 +22,7 @@ Image 1 (10/10) matches. / …", SampleEncoder targets "describe" and "reason", 
 name the caption or the question and answers). The optional `replay` split holds more train-image pairs marked
 `meta["target"] = "reason"`, and `replay_direct` the first train pairs again marked `meta["target"] = "answer"`,
 `meta["template_set"] = "implicit"` (the base's own direct-answer pairs, rehearsed), to mix into a later stage's
-shards.
+shards. `instructed_share` of the replay pairs are prompted by a varied instruction instead (`instructed`).
 """
 
 from __future__ import annotations
