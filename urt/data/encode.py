@@ -115,7 +115,9 @@ class SampleEncoder:
     "<think>\n{meta['describe']}\n</think>\n<answer>{answer}</answer>". A sample whose `meta["target"]`
     names another target is encoded with that target (and its prompts), one whose `meta["template_set"]`
     names another template set with those prompts: one shard set can mix, e.g., cold-start CoTs with
-    replayed grounding samples and replayed direct answers under the implicit prompts.
+    replayed grounding samples and replayed direct answers under the implicit prompts. `meta["preamble"]` is
+    text put before the filled template (a "reason" sample may use the bare `fields` set after it: the demo's
+    instructed grounding pairs).
 
     Qwen3.5-style templates open the assistant turn with `<think>\\n` (`ChatPrompt.assistant_prefix`):
     a CoT target must start with that prefix (a target starting `<think>` without the newline is
