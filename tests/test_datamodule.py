@@ -158,6 +158,8 @@ def test_epochs_reshuffle(shards, qwen):
     (0, dict(order="both", batch_size=3)),  # the cut falls between the two orders of a pair
     (2, dict(order="random", collate="packed", max_tokens_per_batch=1400, batch_size=8)),
     (2, dict(order="both", batch_size=2)),
+    (0, dict(order="random", batch_size=2, group_by_length=3)),  # cuts inside a length-sorted window
+    (2, dict(order="both", batch_size=2, group_by_length=2, drop_last=True)),
 ])
 def test_resume_continues_the_same_stream(shards, qwen, workers, kw):
     full = [b["keys"] for b in _dm(shards, qwen, num_workers=workers, **kw).train_dataloader()]
@@ -172,8 +174,37 @@ def test_resume_continues_the_same_stream(shards, qwen, workers, kw):
         rest = [b["keys"] for b in dm2.train_dataloader()]
         assert rest == full[k:], (k, rest, full)
         assert dm2.skip_stats.ok == sum(len(x) for x in full)
+        assert dm2.skip_stats.total_skipped == dm.skip_stats.total_skipped == 0 or kw.get("drop_last")
     with pytest.raises(UrtError, match="num_workers"):
         _dm(shards, qwen, num_workers=workers + 1, **kw).load_state_dict(state)
+
+
+def _padded_tokens(batches) -> int:
+    return sum(b["input_ids"].numel() for b in batches)
+
+
+def test_group_by_length_sorts_windows_and_keeps_every_sample(shards, qwen):
+    plain = list(_dm(shards, qwen, batch_size=2, shuffle_buffer=20).train_dataloader())
+    grouped = list(_dm(shards, qwen, batch_size=2, shuffle_buffer=20, group_by_length=5).train_dataloader())
+    again = list(_dm(shards, qwen, batch_size=2, shuffle_buffer=20, group_by_length=5).train_dataloader())
+    assert sorted(_keys(grouped)) == sorted(shards[1]) and _keys(grouped) == _keys(again)
+    assert _padded_tokens(grouped) < _padded_tokens(plain)
+    # one window of 10 samples: its 5 batches cover the sorted lengths in consecutive pairs
+    for window in (grouped[:5], grouped[5:]):
+        lens = sorted(n for b in window for n in b["seq_lens"])
+        assert sorted(tuple(sorted(b["seq_lens"])) for b in window) == [tuple(lens[j:j + 2]) for j in range(0, 10, 2)]
+    assert [b["seq_lens"] for b in grouped[:5]] != sorted(b["seq_lens"] for b in grouped[:5])  # shuffled order
+    # the window's samples come from the same stretch of the stream as without grouping
+    assert sorted(_keys(grouped[:5])) == sorted(_keys(plain[:5]))
+
+
+def test_group_by_length_drop_last_counts_the_short_batch(shards, qwen):
+    dm = _dm(shards, qwen, batch_size=3, group_by_length=4, drop_last=True)  # windows of 12 and 8 samples
+    keys = _keys(dm.train_dataloader())
+    assert len(keys) == 18 and len(set(keys)) == 18
+    assert dm.skip_stats.ok == 18 and dm.skip_stats.skipped == {"dropped_last": 2}
+    with pytest.raises(UrtError, match="group_by_length"):
+        _dm(shards, qwen, group_by_length=-1)
 
 
 def test_overlong_filtered_counted_or_raised(shards, qwen):

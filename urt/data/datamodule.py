@@ -17,6 +17,10 @@ Per DataLoader worker (``num_workers`` of them; 0 = the main process is the one 
       → SampleEncoder (never truncates: OverlongSample is filtered and counted as "overlong")
       → batches: "padded" = batch_size samples; "packed" = consecutive samples greedily while
         ≤ batch_size samples and ≤ max_tokens_per_batch tokens → collator (urt.data.collate)
+      → train, padded, ``group_by_length=k`` > 1: each window of k·batch_size consecutive samples is
+        sorted by length and cut into k batches, emitted in a seeded shuffled order (padding then costs
+        ~2-12% instead of 15-80% on mixed shard sets; the window keeps batches drawn from the same stretch
+        of the shuffled stream)
 
 The DataLoader interleaves the workers' batches round-robin, so the same seed and the same
 num_workers give the same batches in the same order on every run.
@@ -49,7 +53,9 @@ each worker's consumed raw samples *before decoding* and resumes the round-robin
 the resumed run sees exactly the batches the uninterrupted one would have. The data epoch advances
 when a pass over the shards is exhausted (not with ``trainer.current_epoch``). A batch counts as consumed
 when the training step receives it (``on_before_batch_transfer`` under a Trainer; when it is yielded in
-a trainer-free loop), so Lightning's one-batch prefetch is not counted. Resuming needs the same shards,
+a trainer-free loop), so Lightning's one-batch prefetch is not counted. Under ``group_by_length`` a cursor
+inside a window is (window start, batches of it consumed): the resumed stream rebuilds the window and
+skips those batches; the window's counts come with its last batch. Resuming needs the same shards,
 seed, num_workers and world size (checked).
 
 val/test loaders read their shards in order (no shuffling), split the same way, with ``val_order``
@@ -155,7 +161,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, split: str, encoder: SampleEncoder, collator, batch_size: int,
                  collate: str, max_tokens_per_batch: int | None, shuffle: bool, shuffle_buffer: int, seed: int,
-                 order: str, tasks: Sequence[str] | None, on_error: str, drop_last: bool, load_opts: dict):
+                 order: str, tasks: Sequence[str] | None, on_error: str, drop_last: bool, load_opts: dict,
+                 group_by_length: int = 0):
         self.urls = list(urls)
         self.split = split
         self.encoder = encoder
@@ -171,11 +178,12 @@ class ShardStream(IterableDataset):
         self.on_error = on_error
         self.drop_last = drop_last
         self.load_opts = load_opts
+        self.group = int(group_by_length) if not self.packed and int(group_by_length) > 1 else 0
         # Set by the loader (main process) before each iteration; workers get copies.
         self.epoch = 0
         self.rank, self.world = 0, 1
         self.offset = 0  # physical worker i plays logical worker (i + offset) % W (resume)
-        self.starts: dict[int, tuple[int, int]] = {}
+        self.starts: dict[int, tuple[int, ...]] = {}  # (raw index, unit[, batches of the window consumed])
 
     # ------------------------------------------------------------------------------------ sharding
     @property
@@ -210,8 +218,24 @@ class ShardStream(IterableDataset):
         i, sub = pos
         return (i, 1) if self.order == "both" and sub == 0 else (i + 1, 0)
 
+    def _window(self, items: list, start: tuple[int, int], skip: int, w: int, keep_partial: bool):
+        """group_by_length: one window of (pos, Encoded) cut into length-sorted batches, in a shuffled order
+        seeded by the window's start. Returns [(batch items, cursor, counts-before)] for the batches past the
+        first `skip`, and the units dropped by drop_last (the window's last, partial chunk)."""
+        ranked = sorted(items, key=lambda x: (len(x[1]), x[0]))
+        chunks = [ranked[j:j + self.batch_size] for j in range(0, len(ranked), self.batch_size)]
+        dropped = chunks.pop() if not keep_partial and len(chunks[-1]) < self.batch_size else []
+        random.Random(f"urt-group/{self.seed}/{self.epoch}/{self.rank}/{w}/{start}").shuffle(chunks)
+        end = self._next_pos(items[-1][0])
+        # Inside the window the cursor is (window start, batches consumed): a resume rebuilds the window
+        # and skips them; the window's counts come with its last batch.
+        out = [(chunk, end if j == len(chunks) - 1 else (*start, j + 1), end if j == len(chunks) - 1 else start)
+               for j, chunk in enumerate(chunks) if j >= skip]
+        return out, dropped
+
     def _stream(self, w: int, n: int) -> Iterator[dict]:
-        start = tuple(self.starts.get(w, (0, 0)))
+        resume = tuple(self.starts.get(w, (0, 0)))
+        start, skip = resume[:2], (int(resume[2]) if len(resume) > 2 else 0)
         mine = self.shards_for(w, n)
         ledger = _Ledger()
         base = {"split": self.split, "epoch": self.epoch, "worker": w}
@@ -234,11 +258,12 @@ class ShardStream(IterableDataset):
 
         buf: list = []  # (pos, Encoded)
         tokens = 0
+        window_start = start  # group_by_length: where the window in `buf` began
 
-        def emit(items):
-            cursor = self._next_pos(items[-1][0])
+        def emit(items, cursor=None, before=None):
+            cursor = cursor or self._next_pos(items[-1][0])
             batch = self.collator([e for _, e in items])
-            counts, excluded = ledger.take(before=cursor)
+            counts, excluded = ledger.take(before=before or cursor)
             batch["_stream"] = dict(base, cursor=list(cursor), counts=counts, excluded=excluded,
                                     n=len(items))
             return batch
@@ -288,18 +313,27 @@ class ShardStream(IterableDataset):
                                                                     f"{self.max_tokens}"),
                          OverlongSample(unit.key, len(enc), self.max_tokens))
                     continue
-                if buf and (len(buf) >= self.batch_size or
-                            (self.packed and self.max_tokens and tokens + len(enc) > self.max_tokens)):
+                if self.packed and buf and (len(buf) >= self.batch_size or
+                                            (self.max_tokens and tokens + len(enc) > self.max_tokens)):
                     yield emit(buf)
                     buf, tokens = [], 0
                 ledger.ok(pos)
                 buf.append((pos, enc))
                 tokens += len(enc)
-                if not self.packed and len(buf) >= self.batch_size:
+                if self.group and len(buf) >= self.group * self.batch_size:
+                    for chunk, cursor, before in self._window(buf, window_start, skip, w, keep_partial=True)[0]:
+                        yield emit(chunk, cursor, before)
+                    window_start, skip = self._next_pos(buf[-1][0]), 0
+                    buf = []
+                elif not self.group and not self.packed and len(buf) >= self.batch_size:
                     yield emit(buf)
                     buf, tokens = [], 0
         drain((i + 1, _BEFORE))
-        if buf and not (self.drop_last and len(buf) < self.batch_size and not self.packed):
+        if buf and self.group:
+            batches, buf = self._window(buf, window_start, skip, w, keep_partial=not self.drop_last)
+            for chunk, cursor, before in batches:
+                yield emit(chunk, cursor, before)
+        elif buf and not (self.drop_last and len(buf) < self.batch_size and not self.packed):
             yield emit(buf)
             buf = []
         counts, excluded = ledger.take()
@@ -405,6 +439,9 @@ class RewardDataModule(L.LightningDataModule):
         mode, target, template_set, max_length: passed to SampleEncoder.
         on_error: "raise" | "skip" (skip and count).
         drop_last: padded train batches only: drop the last incomplete batch of each worker (counted).
+        group_by_length: padded train batches only: sort each window of this many batches' samples by length
+            before cutting it into batches (emitted in a seeded shuffled order); 0 or 1 = off. Saves the
+            padding of mixed shard sets (e.g. 82% -> 12% extra tokens at 8 on the demo's base stage).
         frames, frame_sampling, fps, max_frames, min_pixels, max_pixels, video_min_pixels,
             video_max_pixels: the shard reader's frame sampling and pixel budgets.
         bundle: a ModelBundle to attach right away (else call ``attach(bundle)`` before ``setup``).
@@ -416,7 +453,7 @@ class RewardDataModule(L.LightningDataModule):
                  shuffle: bool = True, shuffle_buffer: int = 1000, seed: int = 0, order: str = "random",
                  val_order: str = "both", tasks: Sequence[str] | None = None, mode: str = "sft",
                  target: str = "cot", template_set: str | None = None, max_length: int | None = None,
-                 on_error: str = "skip", drop_last: bool = False, frames: int = 8,
+                 on_error: str = "skip", drop_last: bool = False, group_by_length: int = 0, frames: int = 8,
                  frame_sampling: str = "uniform", fps: float | None = None, max_frames: int | None = None,
                  min_pixels: int | None = None, max_pixels: int | None = None,
                  video_min_pixels: int | None = None, video_max_pixels: int | None = None, bundle=None):
@@ -434,6 +471,9 @@ class RewardDataModule(L.LightningDataModule):
             raise UrtError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if int(batch_size) < 1:
             raise UrtError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(group_by_length, bool) or int(group_by_length) < 0:
+            raise UrtError(f"group_by_length must be an integer >= 0 (batches per length-sorted window; 0 = off), "
+                           f"got {group_by_length!r}")
         if collate == "packed" and max_tokens_per_batch is not None and int(max_tokens_per_batch) < 1:
             raise UrtError(f"max_tokens_per_batch must be a positive integer or null, got {max_tokens_per_batch}")
         self.tasks = list(tasks) if tasks else None
@@ -448,6 +488,7 @@ class RewardDataModule(L.LightningDataModule):
         self.order, self.val_order = order, val_order
         self.mode, self.target, self.template_set, self.max_length = mode, target, template_set, max_length
         self.on_error, self.drop_last = on_error, bool(drop_last)
+        self.group_by_length = int(group_by_length)
         self.load_opts = _load_opts(frames=frames, frame_sampling=frame_sampling, fps=fps, max_frames=max_frames,
                                     min_pixels=min_pixels, max_pixels=max_pixels,
                                     video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
@@ -504,7 +545,8 @@ class RewardDataModule(L.LightningDataModule):
                            max_tokens_per_batch=self.max_tokens_per_batch, shuffle=train and self.shuffle,
                            shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed,
                            order=self.order if train else self.val_order, tasks=self.tasks, on_error=self.on_error,
-                           drop_last=train and self.drop_last, load_opts=self.load_opts)
+                           drop_last=train and self.drop_last, load_opts=self.load_opts,
+                           group_by_length=self.group_by_length if train else 0)
 
     def train_dataloader(self) -> StreamLoader:
         if not self.train_shards:
@@ -546,7 +588,7 @@ class RewardDataModule(L.LightningDataModule):
         n = max(1, self.num_workers)
         if self._consumed == 0 and not self._cursors:
             return {}, 0
-        starts = {int(w): (int(c[0]), int(c[1])) for w, c in self._cursors.items()}
+        starts = {int(w): tuple(int(x) for x in c) for w, c in self._cursors.items()}
         offset = (self._last_worker + 1) % n
         return starts, offset
 
