@@ -167,7 +167,7 @@ def test_questions_say_what_they_ask_and_replay_pairs_are_marked(tmp_path):
 
 def test_instructed_replay_pairs_vary_the_instruction_but_keep_the_tag_cue(tmp_path):
     """`instructed_share` of the replayed grounding pairs are prompted by a varied instruction (rubric lines of the
-    implicit prompts, a tag instruction somewhere in it, the request) before the paper prompts' field lines;
+    implicit prompts, a tag instruction somewhere in it, the request last or anywhere) before the paper prompts' field lines;
     they encode to the grounding chain, and the tag instruction is the only thing the implicit prompts lack."""
     from urt.data.encode import SampleEncoder
     from urt.data.shards import read_shards
@@ -183,14 +183,15 @@ def test_instructed_replay_pairs_vary_the_instruction_but_keep_the_tag_cue(tmp_p
     assert all("template_set" not in s.meta for s in replay if s not in instructed)
     rubric = set(_rubric_lines())
     assert not any("<think>" in line for line in rubric)
-    lengths = set()
+    lengths, request_last = set(), set()
     for s in instructed:
         lines = s.meta["preamble"].rstrip("\n").split("\n")
-        assert lines[-1] == _REQUESTS[s.task]
-        assert sum(line in _TAG_ASKS for line in lines) == 1
-        assert all(line in rubric for line in lines[:-1] if line not in _TAG_ASKS)
+        assert lines.count(_REQUESTS[s.task]) == 1 and sum(line in _TAG_ASKS for line in lines) == 1
+        assert all(line in rubric for line in lines if line not in _TAG_ASKS and line != _REQUESTS[s.task])
         lengths.add(len(lines))
+        request_last.add(lines[-1] == _REQUESTS[s.task])
     assert len(lengths) > 1
+    assert request_last == {True, False}  # the request is not a fixed ending either (the paper prompts lack it)
     b = build_tiny("qwen2_5_vl")
     s = instructed[0]
     e = SampleEncoder(b.processor, "qwen2_5_vl", target="answer", template_set="implicit")(s)

@@ -346,7 +346,8 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
 # 1M-parameter model trained on one short prompt per task follows it only at that length and only when the tag
 # instruction comes last; under a long rubric ending in the field lines (the paper prompts) it answered directly.
 # So `instructed_share` of the replayed pairs get a preamble: a random run of lines from urt's implicit-prompt
-# bodies (no tags there) with one of several tag instructions somewhere in it and the request, then the `fields`
+# bodies (no tags there) with one of several tag instructions somewhere in it and the request (last for half of
+# them, anywhere for the rest: the paper prompts have no request line before their fields), then the `fields`
 # set's field lines. The tag instruction is then the one cue that separates them from the implicit prompts.
 _TAG_ASKS = (
     "Reason inside <think> </think> tags, then give the answer inside <answer> </answer> tags.",
@@ -382,7 +383,7 @@ def instructed(s: Sample, rng: random.Random) -> Sample:
     start = rng.randrange(len(pool))
     lines = [pool[(start + i) % len(pool)] for i in range(n)]
     lines.insert(rng.randint(0, len(lines)), rng.choice(_TAG_ASKS))
-    lines.append(_REQUESTS[s.task])
+    lines.insert(len(lines) if rng.random() < 0.5 else rng.randint(0, len(lines)), _REQUESTS[s.task])
     s.meta.update({"target": "reason", "template_set": "fields", "preamble": "\n".join(lines) + "\n"})
     return s
 
@@ -414,7 +415,7 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
                        f"train_per_task ({train_per_task})")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
                 "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share, "seed": seed, "frames": frames, "step": step,
-                "image_size": image_size, "video_size": video_size, "version": 6}
+                "image_size": image_size, "video_size": video_size, "version": 7}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         try:
