@@ -474,6 +474,9 @@ class RewardDataModule(L.LightningDataModule):
         if isinstance(group_by_length, bool) or int(group_by_length) < 0:
             raise UrtError(f"group_by_length must be an integer >= 0 (batches per length-sorted window; 0 = off), "
                            f"got {group_by_length!r}")
+        if collate == "packed" and int(group_by_length) > 1:
+            raise UrtError(f"group_by_length={group_by_length} applies to padded batches; packed rows carry no "
+                           f"padding (use collate=padded, or group_by_length=0)")
         if collate == "packed" and max_tokens_per_batch is not None and int(max_tokens_per_batch) < 1:
             raise UrtError(f"max_tokens_per_batch must be a positive integer or null, got {max_tokens_per_batch}")
         self.tasks = list(tasks) if tasks else None
@@ -521,6 +524,9 @@ class RewardDataModule(L.LightningDataModule):
             from urt.data.collate import packing_pays
 
             self.collate = "packed" if packing_pays(bundle) else "padded"
+            if self.collate == "packed" and self.group_by_length > 1:
+                warnings.warn(f"collate=auto chose packed batches (no padding to save): group_by_length="
+                              f"{self.group_by_length} is not used", stacklevel=2)
         self.collator = make_collator(self.collate, bundle, padding_side=self.padding_side)
         self.encoder = SampleEncoder(bundle.processor, bundle.family, template_set=self.template_set, mode=self.mode,
                                      target=self.target, max_length=self.max_length)
