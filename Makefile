@@ -8,12 +8,18 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# One pip command over exact pins (requirements.txt) plus the package itself, editable. --no-compile: Python
-# compiles only the modules it imports, on first import (halves the install: ~105 s -> ~55 s on 2 cores).
+# One install over exact pins (requirements.txt) plus the package itself, editable, by uv: it unpacks each wheel
+# once into its cache and links it into every later venv (the 6 GB torch/CUDA set: ~85 s with pip, ~30 s with
+# uv on a cold cache, ~7 s warm, on 2 cores). Where uv cannot be installed or fails, pip does it (--no-compile: Python
+# compiles only the modules it imports). UV=0 forces pip.
+UV ?= 1
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements.txt -e .
+	if [ "$(UV)" = 1 ] && $(PY) -m pip install -q uv==0.13.9 \
+	    && $(VENV)/bin/uv pip install -q --python $(PY) -r requirements.txt -e .; then :; \
+	else \
+	  $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q --no-compile -r requirements.txt -e .; \
+	fi
 	touch $(STAMP)
 
 test: setup

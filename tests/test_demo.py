@@ -132,7 +132,7 @@ def test_rule_teacher_cot_agrees_with_the_label_on_demo_pairs():
             checks = re.findall(r"(\w+) vs (\w+) (yes|no)", describe)
             assert checks and all((a == b) == (v == "yes") for a, b, v in checks), describe
             last = describe.split("\n")[-1]
-            assert last.endswith(("matches.", "is right.") if label == 2 else ("does not match.", "is wrong."))
+            assert last.endswith(("matches.", " fits.") if label == 2 else ("does not match.", "does not fit."))
 
 
 def test_questions_say_what_they_ask_and_replay_pairs_are_marked(tmp_path):

@@ -498,22 +498,22 @@ class RuleTeacher:
             if value is not None:  # a yes/no question about one attribute value
                 value = str(value).lower()
                 truth = "yes" if seen.get(asked) == value else "no"
-                lines = [f"The question asks whether it is {value}. The {visual} shows {_describe(seen)}: "
-                         f"{seen.get(asked)} vs {value} {truth}, so the answer is {truth}."]
+                lines = [f"The question checks for {value}. The {visual} shows {_describe(seen)}: "
+                         f"{seen.get(asked)} vs {value} {truth}, so the correct answer says {truth}."]
             else:
                 truth = seen.get(asked)
                 if truth is None:
                     return None
                 about = "colour" if asked == "color" else asked
                 lines = [f"The question asks about the {about}. The {visual} shows {_describe(seen)}, "
-                         f"so the answer is {truth}."]
+                         f"so the correct answer says {truth}."]
             verdicts = []
             for k, a in enumerate(s.answers, 1):
                 a = _clean(a).lower()
                 verdicts.append(a == truth)
                 lines.append(f"Answer {k} says {a}: {a} vs {truth} {'yes' if a == truth else 'no'}, so Answer {k} "
-                             f"({_CHAIN_SCORE[0] if a == truth else _CHAIN_SCORE[3]}/10) is "
-                             + ("right." if a == truth else "wrong."))
+                             f"({_CHAIN_SCORE[0] if a == truth else _CHAIN_SCORE[3]}/10) "
+                             + ("fits." if a == truth else "does not fit."))
         if win is not None and not (verdicts[win - 1] and not verdicts[2 - win]):
             return None  # attributes that do not single out the label: no consistent chain
         return lines
