@@ -208,6 +208,41 @@ def test_instructed_replay_pairs_vary_the_instruction_but_keep_the_tag_cue(tmp_p
         build_demo_data(tmp_path / "z", train_per_task=2, test_per_task=1, instructed_share=1.5)
 
 
+def test_instructed_replay_format_examples(tmp_path):
+    """`example_share` of the instructed preambles hold a format example (placeholder scores and totals for
+    both candidates, a verdict in tags) among the rubric lines, named with the task's candidate noun; the
+    target is still the grounding chain, which reads the candidates from the field lines."""
+    import random
+
+    from urt.data.shards import read_shards
+    from urt.demo.data import _REQUESTS, _TAG_ASKS, _rubric_lines, example_block
+    from urt.prompts import parse_output
+
+    block = example_block("image_understanding", random.Random(3))
+    assert block[:2] == ["Example format:", "<think>"] and block[-2] == "</think>"
+    totals = [line for line in block if line.startswith("Answer 1: ") or line.startswith("Answer 2: ")]
+    assert len(totals) == 2 and all(sum(map(int, t.split(": ")[1].split("=")[0].split("+"))) == int(t.split("=")[1])
+                                for t in totals)
+    assert parse_output("\n".join(block[1:]), "image_understanding").format_ok
+    assert all("Video" in line for line in example_block("video_generation", random.Random(0))[2:-5])
+
+    build_demo_data(tmp_path, train_per_task=2, test_per_task=1, replay_per_task=8, instructed_share=1.0,
+                    example_share=1.0, progress=False)
+    instructed = list(read_shards(tmp_path / "replay"))
+    rubric = set(_rubric_lines())
+    for s in instructed:
+        lines = s.meta["preamble"].rstrip("\n").split("\n")
+        i = lines.index("Example format:")
+        j = lines.index("</think>", i) + 2
+        noun = {"image_generation": "Image", "video_generation": "Video"}.get(s.task, "Answer")
+        assert f"{noun} 1 (" in lines[i + 2] and lines[j - 1].startswith(f"<answer>{noun} ")
+        rest = lines[:i] + lines[j:]
+        assert rest.count(_REQUESTS[s.task]) == 1 and sum(line in _TAG_ASKS for line in rest) == 1
+        assert all(line in rubric for line in rest if line not in _TAG_ASKS and line != _REQUESTS[s.task])
+    with pytest.raises(UrtError, match="example_share .* between 0 and 1, got -0.5"):
+        build_demo_data(tmp_path / "z", train_per_task=2, test_per_task=1, example_share=-0.5)
+
+
 def _stage(acc, fmt=1.0):
     return {"overall": acc, "format_rate": fmt, "answer_1_rate": 0.5, "gold_1_rate": 0.5,
             "tasks": {t: acc for t in TASKS}}

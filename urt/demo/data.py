@@ -22,7 +22,8 @@ Image 1 (10/10) matches. / …", SampleEncoder targets "describe" and "reason", 
 name the caption or the question and answers). The optional `replay` split holds more train-image pairs marked
 `meta["target"] = "reason"`, and `replay_direct` the first train pairs again marked `meta["target"] = "answer"`,
 `meta["template_set"] = "implicit"` (the base's own direct-answer pairs, rehearsed), to mix into a later stage's
-shards. `instructed_share` of the replay pairs are prompted by a varied instruction instead (`instructed`).
+shards. `instructed_share` of the replay pairs are prompted by a varied instruction instead (`instructed`), and
+`example_share` of those also hold a format example (`example_block`).
 """
 
 from __future__ import annotations
@@ -375,21 +376,39 @@ def _rubric_lines() -> tuple[str, ...]:
     return tuple(lines)
 
 
-def instructed(s: Sample, rng: random.Random) -> Sample:
+def example_block(task: str, rng: random.Random) -> list[str]:
+    """A format example as judging instructions show one: placeholder scores per dimension for both candidates,
+    their totals and a verdict, in tags. Its "Answer 1 (7/10)" and "Answer 1: 7+5=12" lines are what a chain has
+    to look past when it copies the candidates from the field lines."""
+    from urt.stages.distill import _DIMENSIONS, _NOUN
+
+    noun, dims = _NOUN[task], _DIMENSIONS[task][: rng.randint(1, 3)]
+    scores = [[rng.randint(3, 10) for _ in dims] for _ in (1, 2)]
+    return ["Example format:", "<think>",
+            *(f"{d}. {name}: {noun} 1 ({a}/10) - ...; {noun} 2 ({b}/10) - ..."
+              for d, (name, a, b) in enumerate(zip(dims, *scores), 1)),
+            "Total score:", *(f"{noun} {k}: {'+'.join(map(str, sc))}={sum(sc)}" for k, sc in ((1, scores[0]), (2, scores[1]))),
+            "</think>", f"<answer>{noun} {rng.randint(1, 2)} is better</answer>"]
+
+
+def instructed(s: Sample, rng: random.Random, example_share: float = 0.0) -> Sample:
     """Mark a grounding pair to be prompted by a varied instruction (see `_TAG_ASKS`): `meta["preamble"]`, the
-    `fields` template set, target "reason"."""
+    `fields` template set, target "reason"; `example_share` of them also hold a format example (`example_block`)."""
     pool = _rubric_lines()
     n = rng.randint(0, 12)
     start = rng.randrange(len(pool))
-    lines = [pool[(start + i) % len(pool)] for i in range(n)]
-    lines.insert(rng.randint(0, len(lines)), rng.choice(_TAG_ASKS))
-    lines.insert(len(lines) if rng.random() < 0.5 else rng.randint(0, len(lines)), _REQUESTS[s.task])
+    units = [[pool[(start + i) % len(pool)]] for i in range(n)]  # the example block is one unit: kept whole
+    units.insert(rng.randint(0, len(units)), [rng.choice(_TAG_ASKS)])
+    if example_share and rng.random() < example_share:
+        units.insert(rng.randint(0, len(units)), example_block(s.task, rng))
+    units.insert(len(units) if rng.random() < 0.5 else rng.randint(0, len(units)), [_REQUESTS[s.task]])
+    lines = [line for unit in units for line in unit]
     s.meta.update({"target": "reason", "template_set": "fields", "preamble": "\n".join(lines) + "\n"})
     return s
 
 
 def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, replay_per_task: int = 0,
-                    direct_replay_per_task: int = 0, instructed_share: float = 0.0, seed: int = 0, frames: int = 4, step: int = 6,
+                    direct_replay_per_task: int = 0, instructed_share: float = 0.0, example_share: float = 0.0, seed: int = 0, frames: int = 4, step: int = 6,
                     image_size: int = 112, video_size: int = 84, progress: bool = True,
                     overwrite: bool = False) -> dict:
     """Write `out_dir/train` (easy-vqa train images) and `out_dir/test` (test images) shard sets and
@@ -410,11 +429,14 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
     if not 0.0 <= instructed_share <= 1.0:
         raise UrtError(f"instructed_share is the share of replayed grounding pairs given a varied instruction: "
                        f"between 0 and 1, got {instructed_share}")
+    if not 0.0 <= example_share <= 1.0:
+        raise UrtError(f"example_share is the share of instructed replay pairs whose preamble holds a format "
+                       f"example: between 0 and 1, got {example_share}")
     if direct_replay_per_task > train_per_task:
         raise UrtError(f"direct_replay_per_task ({direct_replay_per_task}) replays train pairs: at most "
                        f"train_per_task ({train_per_task})")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
-                "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share, "seed": seed, "frames": frames, "step": step,
+                "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share, "example_share": example_share, "seed": seed, "frames": frames, "step": step,
                 "image_size": image_size, "video_size": video_size, "version": 8}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
@@ -450,7 +472,7 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
             for s in it:
                 s.meta.update(marks.get(name, {}))
                 if name == "replay" and instruct_rng.random() < instructed_share:
-                    instructed(s, instruct_rng)
+                    instructed(s, instruct_rng, example_share)
                 counts[s.task] += 1
                 labels[s.label] += 1
                 yield s
