@@ -231,6 +231,7 @@ def test_instructed_replay_format_examples(tmp_path):
     instructed = list(read_shards(tmp_path / "replay"))
     rubric = set(_rubric_lines())
     for s in instructed:
+        assert s.meta["target"] == "reason" and s.meta["template_set"] == "fields"
         lines = s.meta["preamble"].rstrip("\n").split("\n")
         i = lines.index("Example format:")
         j = lines.index("</think>", i) + 2
