@@ -376,15 +376,16 @@ def test_rule_teacher_chain_style_checks_each_attribute_then_scores_then_verdict
     und = Sample("u1", "image_understanding", 2, [vqa_image(0)], question="what shape is it?",
                  answers=("circle", "triangle"), meta={"attributes": {"seen": {"color": "green", "shape": "triangle"},
                                                                       "asks": "shape"}})
-    assert t.write(und).split("\n")[1:4] == [
+    assert t.write(und).split("\n")[1:5] == [
+        "Answer 1 says circle. Answer 2 says triangle.",
         "The question asks about the shape. The image shows a green triangle, so the correct answer says triangle.",
         "Answer 1 says circle: circle vs triangle no, so Answer 1 (1/10) does not fit.",
         "Answer 2 says triangle: triangle vs triangle yes, so Answer 2 (10/10) fits."]
     yes_no = replace(und, question="is there a red shape?", answers=("yes", "no"),
                      meta={"attributes": {"seen": {"color": "green", "shape": "triangle"}, "asks": "color",
                                           "asks_value": "red"}})
-    assert t.write(yes_no).split("\n")[1] == ("The question checks for red. The image shows a green "
-                                              "triangle: green vs red no, so the correct answer says no.")
+    assert t.write(yes_no).split("\n")[1:3] == ["Answer 1 says yes. Answer 2 says no.", "The question checks for red. The image shows a green "
+                                              "triangle: green vs red no, so the correct answer says no."]
     assert t.chain(replace(yes_no, label=1), 1) is None  # "yes" is wrong here: no chain for that label
     with pytest.raises(UrtError, match="style"):
         RuleTeacher(style="terse")

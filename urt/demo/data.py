@@ -437,7 +437,7 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
                        f"train_per_task ({train_per_task})")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
                 "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share, "example_share": example_share, "seed": seed, "frames": frames, "step": step,
-                "image_size": image_size, "video_size": video_size, "version": 8}
+                "image_size": image_size, "video_size": video_size, "version": 9}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:
         try:

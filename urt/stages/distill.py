@@ -507,9 +507,13 @@ class RuleTeacher:
                 about = "colour" if asked == "color" else asked
                 lines = [f"The question asks about the {about}. The {visual} shows {_describe(seen)}, "
                          f"so the correct answer says {truth}."]
+            # the answers first, straight after the prompt's field lines: copied from there before the chain
+            # has written a value of its own (later, "so the correct answer says brown" was copied instead of
+            # the field under long prompts), and the checks below then copy from this line
+            said = [_clean(a).lower() for a in s.answers]
+            lines.insert(0, " ".join(f"Answer {k} says {a}." for k, a in enumerate(said, 1)))
             verdicts = []
-            for k, a in enumerate(s.answers, 1):
-                a = _clean(a).lower()
+            for k, a in enumerate(said, 1):
                 verdicts.append(a == truth)
                 lines.append(f"Answer {k} says {a}: {a} vs {truth} {'yes' if a == truth else 'no'}, so Answer {k} "
                              f"({_CHAIN_SCORE[0] if a == truth else _CHAIN_SCORE[3]}/10) "
