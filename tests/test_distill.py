@@ -384,8 +384,9 @@ def test_rule_teacher_chain_style_checks_each_attribute_then_scores_then_verdict
     yes_no = replace(und, question="is there a red shape?", answers=("yes", "no"),
                      meta={"attributes": {"seen": {"color": "green", "shape": "triangle"}, "asks": "color",
                                           "asks_value": "red"}})
-    assert t.write(yes_no).split("\n")[1:3] == ["Answer 1 says yes. Answer 2 says no.", "The question checks for red. The image shows a green "
-                                              "triangle: green vs red no, so the correct answer says no."]
+    assert t.write(yes_no).split("\n")[1:3] == [
+        "Answer 1 says yes. Answer 2 says no.",
+        "The question checks for red. The image shows a green triangle: green vs red no, so the correct answer says no."]
     assert t.chain(replace(yes_no, label=1), 1) is None  # "yes" is wrong here: no chain for that label
     with pytest.raises(UrtError, match="style"):
         RuleTeacher(style="terse")

@@ -463,8 +463,9 @@ class RuleTeacher:
     def chain(self, s: Sample, win: int | None = None) -> list[str] | None:
         """The chain style's reasoning lines; None without usable attributes. Every step is computed from
         the few tokens just before it (what a model learning from scratch can do): what is asked (copied
-        from the prompt), what a candidate shows, one check per asked attribute ("teal vs brown no"), the
-        candidate's score from its checks, its verdict; the answer then follows candidate 2's verdict."""
+        from the prompt; for understanding, both answers first), what a candidate shows, one check per asked
+        attribute ("teal vs brown no"), the candidate's score from its checks, its verdict; the answer then
+        follows candidate 2's verdict."""
         attrs = s.meta.get("attributes") if isinstance(s.meta, dict) else None
         if not isinstance(attrs, dict):
             return None
