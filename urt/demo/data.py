@@ -408,7 +408,8 @@ def instructed(s: Sample, rng: random.Random, example_share: float = 0.0) -> Sam
 
 
 def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: int, replay_per_task: int = 0,
-                    direct_replay_per_task: int = 0, instructed_share: float = 0.0, example_share: float = 0.0, seed: int = 0, frames: int = 4, step: int = 6,
+                    direct_replay_per_task: int = 0, instructed_share: float = 0.0, example_share: float = 0.0,
+                    seed: int = 0, frames: int = 4, step: int = 6,
                     image_size: int = 112, video_size: int = 84, progress: bool = True,
                     overwrite: bool = False) -> dict:
     """Write `out_dir/train` (easy-vqa train images) and `out_dir/test` (test images) shard sets and
@@ -436,7 +437,8 @@ def build_demo_data(out_dir: str | Path, *, train_per_task: int, test_per_task: 
         raise UrtError(f"direct_replay_per_task ({direct_replay_per_task}) replays train pairs: at most "
                        f"train_per_task ({train_per_task})")
     settings = {"train_per_task": train_per_task, "test_per_task": test_per_task, "replay_per_task": replay_per_task,
-                "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share, "example_share": example_share, "seed": seed, "frames": frames, "step": step,
+                "direct_replay_per_task": direct_replay_per_task, "instructed_share": instructed_share,
+                "example_share": example_share, "seed": seed, "frames": frames, "step": step,
                 "image_size": image_size, "video_size": video_size, "version": 9}
     summary_path = out / "summary.json"
     if summary_path.exists() and not overwrite:

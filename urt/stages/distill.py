@@ -495,24 +495,24 @@ class RuleTeacher:
             seen = {_attr_key(a): str(v).lower() for a, v in seen.items()}
             asked = _attr_key(asks)
             visual = "video" if s.task.startswith("video") else "image"
+            # the answers first, straight after the prompt's field lines: copied from there before the chain
+            # has written a value of its own (later, "so the correct answer says brown" was copied instead of
+            # the field under long prompts), and the checks below then copy from this line
+            said = [_clean(a).lower() for a in s.answers]
+            lines = [" ".join(f"Answer {k} says {a}." for k, a in enumerate(said, 1))]
             value = attrs.get("asks_value")
             if value is not None:  # a yes/no question about one attribute value
                 value = str(value).lower()
                 truth = "yes" if seen.get(asked) == value else "no"
-                lines = [f"The question checks for {value}. The {visual} shows {_describe(seen)}: "
-                         f"{seen.get(asked)} vs {value} {truth}, so the correct answer says {truth}."]
+                lines.append(f"The question checks for {value}. The {visual} shows {_describe(seen)}: "
+                             f"{seen.get(asked)} vs {value} {truth}, so the correct answer says {truth}.")
             else:
                 truth = seen.get(asked)
                 if truth is None:
                     return None
                 about = "colour" if asked == "color" else asked
-                lines = [f"The question asks about the {about}. The {visual} shows {_describe(seen)}, "
-                         f"so the correct answer says {truth}."]
-            # the answers first, straight after the prompt's field lines: copied from there before the chain
-            # has written a value of its own (later, "so the correct answer says brown" was copied instead of
-            # the field under long prompts), and the checks below then copy from this line
-            said = [_clean(a).lower() for a in s.answers]
-            lines.insert(0, " ".join(f"Answer {k} says {a}." for k, a in enumerate(said, 1)))
+                lines.append(f"The question asks about the {about}. The {visual} shows {_describe(seen)}, "
+                             f"so the correct answer says {truth}.")
             verdicts = []
             for k, a in enumerate(said, 1):
                 verdicts.append(a == truth)
