@@ -19,3 +19,15 @@ def _restore_reward_registry():
     yield
     REWARDS.clear()
     REWARDS.update(saved)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a module of tiny-model tests (faster on 2 cores than two fighting threads);
+    request it with `pytestmark = pytest.mark.usefixtures("torch_one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -262,8 +262,12 @@ def test_report_files_and_checks(tmp_path):
     for d in ("base", "grpo"):
         (tmp_path / d).mkdir(exist_ok=True)
         (tmp_path / d / "DONE").write_text(json.dumps({"seconds": 12.5}))
+    (tmp_path / "vision").mkdir()
+    (tmp_path / "vision" / "vision.json").write_text(json.dumps(
+        {"heldout_before": {"image_shape": 0.3}, "heldout_after": {"image_shape": 0.9}, "loss": [1.0]}))
     res = _results({"base": 0.0, "cold_start": 0.4, "rejection_sampling": 0.7, "grpo": 0.72})
     rep = build_report(tmp_path, res)
+    assert rep["vision"] == {"heldout_before": {"image_shape": 0.3}, "heldout_after": {"image_shape": 0.9}}
     assert list(rep["stages"]) == ["base", "cold_start", "rejection_sampling", "grpo"]
     assert rep["stages"]["grpo"]["tasks"]["video_generation"] == 0.72
     assert rep["implicit"]["base"]["overall"] == 0.6
@@ -275,6 +279,7 @@ def test_report_files_and_checks(tmp_path):
                              "final_overall_at_least_0.80": False}
     md = markdown(rep)
     assert "| grpo | 72.0 | 100.0 |" in md and "final overall at least 0.80: NO" in md
+    assert "image shape 30.0 -> 90.0" in md
     png = plot(rep, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert checks({"cold_start": _stage(0.5), "rejection_sampling": _stage(0.4)})[
@@ -300,5 +305,5 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     # a re-run skips every finished step and evaluation and writes the same table
     assert main(["demo", "demo=smoke", f"paths.runs={tmp_path}"]) == 0
     again = capsys.readouterr().out
-    assert again.count("finished earlier: skipped") == 8
+    assert again.count("finished earlier: skipped") == 9
     assert json.loads(path.read_text())["stages"] == rep["stages"]

@@ -16,17 +16,18 @@ A pipeline experiment (conf/experiment/**/pipeline.yaml, the ablations, the demo
 
 Step kinds: `train` (urt train: SFT or GRPO by the step's `stage`), `sample` (urt sample: rejection
 sampling), `distill` (urt distill with the rule or an OpenAI-compatible teacher), `demo_data` (the
-embedded easy-vqa data, urt.demo.data). Each step composes the root config with, in order: its stage
-experiment (`experiment: NAME` -> `experiment=NAME`), the pipeline's `overrides` (pipeline-wide defaults,
-e.g. the model size of a family's stage experiments; the command line beats them), the pipeline's own
-overrides from the command line (those not about `experiment`/`pipeline`), the step's `overrides`, and
-the wiring: `stage.run_dir`/`sample.out_dir` = dir/<step>, `model.name_or_path` = the `init` step's final
-HF folder, `data.train_shards` (a sample step: `sample.shards`) = dir/<data>. A step that finished writes
-dir/<step>/DONE and is skipped on re-run; an interrupted train step resumes from its last.ckpt.
-`enabled: false` drops a step (ablations). A step whose `init` step is disabled starts from that step's
-own starting point, recursively, and at the end of that chain from the pipeline's base model (the
-pipeline config's `model.name_or_path`: the experiment's model, or `model=…` from the command line); a
-step without `init` starts from its own config's model.
+embedded easy-vqa data, urt.demo.data), `demo_vision` (the demo's vision pretraining, urt.demo.vision: the
+step's model with attribute heads on its visuals; like a train step it leaves dir/<step>/hf/final). Each
+step composes the root config with, in order: its stage experiment (`experiment: NAME` -> `experiment=NAME`),
+the pipeline's `overrides` (pipeline-wide defaults, e.g. the model size of a family's stage experiments; the
+command line beats them), the pipeline's own overrides from the command line (those not about
+`experiment`/`pipeline`), the step's `overrides`, and the wiring: `stage.run_dir`/`sample.out_dir` =
+dir/<step>, `model.name_or_path` = the `init` step's final HF folder, `data.train_shards` (a sample step:
+`sample.shards`) = dir/<data>. A step that finished writes dir/<step>/DONE and is skipped on re-run; an
+interrupted train step resumes from its last.ckpt. `enabled: false` drops a step (ablations). A step whose
+`init` step is disabled starts from that step's own starting point, recursively, and at the end of that chain
+from the pipeline's base model (the pipeline config's `model.name_or_path`: the experiment's model, or
+`model=…` from the command line); a step without `init` starts from its own config's model.
 `extra_overrides` (empty in the shipped configs) are appended after `overrides`: sweeps set them
 (`"pipeline.steps.grpo.extra_overrides=['stage.beta=0.0']"`) without repeating the step's own overrides.
 
@@ -56,7 +57,8 @@ from urt.errors import UrtError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "sample", "distill", "demo_data")
+KINDS = ("train", "sample", "distill", "demo_data", "demo_vision")
+MODEL_KINDS = ("train", "demo_vision")  # steps that leave a model (dir/<step>/hf/final) for a later `init`
 DONE = "DONE"
 RESULTS = "results.json"
 
@@ -124,7 +126,7 @@ class Pipeline:
         """The final HF folder a step leaves (train steps); None for no step / a disabled step."""
         if not name or name not in self.steps:
             return None
-        if self.steps[name].kind != "train":
+        if self.steps[name].kind not in MODEL_KINDS:
             raise UrtError(f"pipeline step {name!r} ({self.steps[name].kind}) has no model to start from")
         return str(self.step_dir(name) / "hf" / "final")
 
@@ -253,6 +255,18 @@ class Pipeline:
             rejection_sample(bundle, s.pop("shards"), out, progress=bool(s.pop("progress", True)), **s)
         elif st.kind == "distill":
             self._distill(st, out)
+        elif st.kind == "demo_vision":
+            from urt.demo.vision import pretrain_vision
+            from urt.models import load_model
+
+            opts = OmegaConf.to_container(st.get("options") or {}, resolve=True)
+            shards = opts.pop("shards", None)
+            if not shards:
+                raise UrtError(f"pipeline step {name!r}: a demo_vision step needs options.shards (the train pairs)")
+            bundle = load_model(**OmegaConf.to_container(cfg.model, resolve=True))
+            report = pretrain_vision(bundle, shards, out, **opts)
+            self.say(f"[{name}] held-out accuracy {report['heldout_before']} -> {report['heldout_after']} "
+                     f"({report['seconds']:.0f} s)")
         elif st.kind == "demo_data":
             from urt.demo.data import build_demo_data
 

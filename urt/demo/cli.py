@@ -1,7 +1,7 @@
 """`urt demo [demo=smoke] [OVERRIDES]`: the whole method on easy-vqa's real images, on a CPU.
 
-Runs the demo pipeline (conf/demo/default.yaml: data -> stage 0 base -> cold start -> rejection sampling
--> GRPO, evaluation after each stage), prints the stage x task table and writes report.json, report.md
+Runs the demo pipeline (conf/demo/default.yaml: data -> vision pretraining -> grounding -> stage 0 base -> cold
+start -> rejection sampling -> GRPO, evaluation after each stage), prints the stage x task table and writes report.json, report.md
 and report.png into the pipeline directory; the last line printed is the path of report.json. Re-running
 skips finished stages (an interrupted one resumes).
 """

@@ -5,6 +5,7 @@ report.json::
     {"stages": {"base": S, "cold_start": S, "rejection_sampling": S, "grpo": S},   # CoT mode
      "implicit": {"base": S, ...},          # direct-answer (implicit prompt) figures beside
      "grpo_curve": [{"step": 1, "reward": r, "accuracy": a, "format": f}, ...],
+     "vision": {"heldout_before": {...}, "heldout_after": {...}},  # the vision step's attribute heads, if run
      "data": {...}, "seconds": {...}, "checks": {...}}
 
 where S = {"overall", "format_rate", "answer_1_rate", "gold_1_rate", "tasks": {task: acc}, ...}.
@@ -80,8 +81,13 @@ def build_report(pipe_dir: Path, results: dict, *, data_summary: dict | None = N
                 seconds[d.name] = round(json.loads(done.read_text()).get("seconds", 0.0), 1)
             except (json.JSONDecodeError, AttributeError):
                 pass
+    vision = {}
+    vj = Path(pipe_dir) / "vision" / "vision.json"
+    if vj.is_file():
+        v = json.loads(vj.read_text())
+        vision = {k: v.get(k) for k in ("heldout_before", "heldout_after")}
     return {"stages": stages, "implicit": implicit, "grpo_curve": grpo_curve(Path(pipe_dir) / "grpo"),
-            "data": data_summary or {}, "seconds": seconds, "checks": checks(stages)}
+            "vision": vision, "data": data_summary or {}, "seconds": seconds, "checks": checks(stages)}
 
 
 def _pct(v) -> str:
@@ -105,6 +111,11 @@ def markdown(report: dict, title: str = "urt demo") -> str:
     lines += ["", "## Checks", ""]
     lines += [f"- {k.replace('_', ' ')}: {'–' if v is None else ('yes' if v else 'NO')}"
               for k, v in report["checks"].items()]
+    if (report.get("vision") or {}).get("heldout_after"):
+        v = report["vision"]
+        lines += ["", "## Vision pretraining (held-out visuals, attribute heads, %)", "",
+                  ", ".join(f"{k.replace('_', ' ')} {_pct((v.get('heldout_before') or {}).get(k))} -> {_pct(a)}"
+                            for k, a in v["heldout_after"].items())]
     if report.get("seconds"):
         lines += ["", "## Time per step (s)", "", ", ".join(f"{k} {v}" for k, v in report["seconds"].items())]
     return "\n".join(lines) + "\n"
