@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from urt.data.schema import Sample, Video
 from urt.demo.data import build_demo_data, demo_samples, image_attributes
@@ -45,7 +46,7 @@ def test_every_candidate_and_understood_visual_gets_its_attributes():
 
 def test_a_pair_without_attributes_is_named():
     s = Sample(key="mine-7", task="video_understanding", label=1, question="q?", answers=("a", "b"),
-               visuals=[Video(frames=[torch.zeros(1)])], meta={})
+               visuals=[Video(frames=[Image.new("RGB", (28, 28))])], meta={})
     with pytest.raises(UrtError, match="mine-7.*attributes"):
         visual_attributes([s])
     s.meta = {"attributes": {"seen": {"color": "purple", "shape": "circle"}}}

@@ -139,6 +139,15 @@ def pretrain_vision(bundle, train_shards, out_dir, *, test_shards=None, steps: i
 
     if steps < 1 or batch_size < 1:
         raise UrtError(f"vision pretraining needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}")
+    if attributes is None:
+        attributes = {"shape": 0, "motion": 0, "color": 2 * steps // 3}
+    elif isinstance(attributes, (list, tuple)):  # a plain list: every head from the start
+        attributes = {k: 0 for k in attributes}
+    attributes = dict(attributes)
+    bad = [a for a in attributes if a not in VOCAB]
+    if bad or not attributes:
+        raise UrtError(f"vision pretraining attributes must be some of {list(VOCAB)} (each with the step its head "
+                       f"joins at), got {attributes}")
     out = Path(out_dir)
     model, family = bundle.model, bundle.family
     t0 = time.perf_counter()
@@ -153,17 +162,8 @@ def pretrain_vision(bundle, train_shards, out_dir, *, test_shards=None, steps: i
     log.info("vision pretraining on %s (encoded in %.1f s)", dict(counts), time.perf_counter() - t0)
 
     torch.manual_seed(seed)
-    width = _pooled(model, train[0].video if train[0].n else True,
-                    *(train[0] if train[0].n else train[1]).batch([0])).shape[-1]
-    if attributes is None:
-        attributes = {"shape": 0, "motion": 0, "color": 2 * steps // 3}
-    elif isinstance(attributes, (list, tuple)):  # a plain list: every head from the start
-        attributes = {k: 0 for k in attributes}
-    attributes = dict(attributes)
-    bad = [a for a in attributes if a not in VOCAB]
-    if bad or not attributes:
-        raise UrtError(f"vision pretraining attributes must be some of {list(VOCAB)} (each with the step its head "
-                       f"joins at), got {attributes}")
+    first = next(e for e in train if e.n)
+    width = _pooled(model, first.video, *first.batch([0])).shape[-1]  # what the LM reads, per token
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(VOCAB[k])) for k in attributes})
     tower = [p for part in ("vision", "projector") for _, p in part_parameters(model, family, part)]
     was = [p.requires_grad for p in tower]
