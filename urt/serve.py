@@ -53,8 +53,6 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-import torch
-
 from urt.errors import UrtError
 
 log = logging.getLogger(__name__)
@@ -225,6 +223,8 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", max_images: 
                     max_prompt_tokens: int | None = None):
     """OpenAI chat messages -> a prompt-mode `Encoded` for `bundle` (see the module docstring).
     Raises RequestError (400) for anything the client got wrong."""
+    import torch
+
     from urt.data.encode import IGNORE_INDEX, Encoded
     from urt.prompts.render import _assistant_prefix
 
@@ -341,6 +341,8 @@ class _RecordingModel:
         object.__setattr__(self, "records", [])
 
     def generate(self, *args, **kwargs):
+        import torch
+
         out = self._model.generate(*args, **kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         width = int(ids.shape[1]) if isinstance(ids, torch.Tensor) else 0

@@ -23,29 +23,14 @@ results.json (schema "urt.eval/1"):
 Rates are fractions in [0, 1]; null where nothing was counted. results.md shows percentages and "–".
 """
 
-from urt.eval.benchmarks import (
-    BENCHMARKS,
-    MODES,
-    Item,
-    Prediction,
-    load_items,
-    load_shard_items,
-    read_predictions,
-    score,
-)
-from urt.eval.metrics import (
-    GroupedAccuracy,
-    PairwiseAccuracy,
-    PositionConsistency,
-    PositionStats,
-    Rate,
-    TauDiff,
-)
-from urt.eval.report import markdown, write_results
-from urt.eval.runner import ORDERS, run_eval, swap_coin
+from urt.lazy import lazy_exports
 
-__all__ = [
-    "BENCHMARKS", "MODES", "ORDERS", "GroupedAccuracy", "Item", "PairwiseAccuracy", "PositionConsistency",
-    "PositionStats", "Prediction", "Rate", "TauDiff", "load_items", "load_shard_items", "markdown",
-    "read_predictions", "run_eval", "score", "swap_coin", "write_results",
-]
+# Resolved on first use: the metrics import torchmetrics (~9 s), which `urt --help` never needs.
+__getattr__, __all__ = lazy_exports(__name__, {
+    "urt.eval.benchmarks": ("BENCHMARKS", "MODES", "Item", "Prediction", "load_items", "load_shard_items",
+                            "read_predictions", "score"),
+    "urt.eval.metrics": ("GroupedAccuracy", "PairwiseAccuracy", "PositionConsistency", "PositionStats", "Rate",
+                         "TauDiff"),
+    "urt.eval.report": ("markdown", "write_results"),
+    "urt.eval.runner": ("ORDERS", "run_eval", "swap_coin"),
+})

@@ -47,15 +47,6 @@ from typing import Any, Iterable
 from urt.data.formats.benchmarks import VL_GROUPS, VL_SCHEMES, vl_rewardbench_group
 from urt.data.schema import GENERATION_TASKS, TASKS
 from urt.errors import UrtError
-from urt.eval.metrics import (
-    GroupedAccuracy,
-    PairwiseAccuracy,
-    PositionConsistency,
-    PositionStats,
-    Rate,
-    TauDiff,
-    as_float,
-)
 from urt.prompts import parse_implicit, parse_output
 
 SCHEMA = "urt.eval/1"
@@ -194,6 +185,8 @@ def _vl_group(item: Item, scheme: str) -> str:
 
 
 def _acc_block(acc: PairwiseAccuracy) -> dict:
+    from urt.eval.metrics import as_float
+
     return {"n": int(acc.total), "correct": int(acc.correct), "accuracy": as_float(acc.compute())}
 
 
@@ -211,6 +204,10 @@ def _score(items: Iterable[Any], predictions: Iterable[Prediction], *, benchmark
     picks the benchmark-specific blocks (tau/diff for GenAI/VideoGen, both groupings for
     VL-RewardBench); None = a generic item set (e.g. shards: tau/diff per generation task only).
     Returns the results dict (see `urt.eval`)."""
+    # torchmetrics (and the torchvision it pulls in) takes ~9 s to import: only scoring needs it, not `urt --help`
+    from urt.eval.metrics import (GroupedAccuracy, PairwiseAccuracy, PositionConsistency, PositionStats, Rate,
+                                  TauDiff, as_float)
+
     check_mode(mode)
     if benchmark is not None:
         check_benchmark(benchmark)

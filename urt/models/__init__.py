@@ -1,17 +1,10 @@
 """Model layer: families, the tiny offline models, loading / freezing / LoRA / saving."""
 
-from urt.models.families import FAMILIES, FamilySpec, family_from_config, get_family
-from urt.models.loading import ModelBundle, choose_attn_implementation, load_model, save_pretrained
-from urt.models.tiny import build_tiny
+from urt.lazy import lazy_exports
 
-__all__ = [
-    "FAMILIES",
-    "FamilySpec",
-    "ModelBundle",
-    "build_tiny",
-    "choose_attn_implementation",
-    "family_from_config",
-    "get_family",
-    "load_model",
-    "save_pretrained",
-]
+# Resolved on first use: loading imports torch and transformers, which `urt --help` never needs.
+__getattr__, __all__ = lazy_exports(__name__, {
+    "urt.models.families": ("FAMILIES", "FamilySpec", "family_from_config", "get_family"),
+    "urt.models.loading": ("ModelBundle", "choose_attn_implementation", "load_model", "save_pretrained"),
+    "urt.models.tiny": ("build_tiny",),
+})
