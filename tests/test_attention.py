@@ -227,3 +227,78 @@ def test_autocast_runs_the_kernel_in_half_precision(monkeypatch):
         got, _ = attention.varlen_attention_forward(module, q, k, v, None, position_ids=positions)
     assert [c["dtype"] for c in ref.calls] == [torch.bfloat16] and got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), want, atol=3e-2)
+
+
+def _visual_inputs(b):
+    """Three images, two of one size: 112 x 112 (four full windows each) and 84 x 140 (edge windows of other
+    lengths), through the family's own image processor."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=gen, dtype=torch.uint8).numpy())
+              for h, w in ((112, 112), (84, 140), (112, 112))]
+    out = b.processor.image_processor(images=images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_sdpa_vision_windows_share_sdpa_calls(family, monkeypatch):
+    """Under sdpa (the CPU default) load_model points a Qwen vision tower at `VISION_VARLEN`; without the
+    kernel, windows of one length share one sdpa call. The tower's features and gradients equal the stock
+    tower's, which calls sdpa once per window."""
+    from urt.models import load_model
+
+    ours = load_model("tiny", family=family, seed=0, attn_implementation="auto", device="cpu")
+    assert ours.model.config._attn_implementation == "sdpa"
+    assert ours.model.config.vision_config._attn_implementation == VISION_VARLEN
+    stock = build_tiny(family, seed=0)
+    assert stock.model.config.vision_config._attn_implementation == "sdpa"
+    pixels, grid = _visual_inputs(ours)
+    calls = {"n": 0}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    feats, grads, n_calls = [], [], []
+    for b in (stock, ours):
+        visual = b.model.model.visual.train().requires_grad_(True)
+        visual.zero_grad(set_to_none=True)
+        calls["n"] = 0
+        out = visual(pixels, grid_thw=grid).pooler_output
+        n_calls.append(calls["n"])
+        out.pow(2).sum().backward()
+        feats.append(out.detach())
+        grads.append({n: p.grad for n, p in visual.named_parameters() if p.grad is not None})
+    assert feats[0].shape == feats[1].shape and feats[0].abs().max() > 0
+    assert (feats[0] - feats[1]).abs().max().item() <= TOL
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-4, rtol=1e-4), name
+    depth = ours.model.config.vision_config.depth
+    assert n_calls[1] < n_calls[0]  # fewer calls than windows
+    assert n_calls[1] <= 2 * depth * 4  # at most one per distinct length (<= 4 window lengths here) per block
+
+
+def test_grouped_sdpa_equals_attention_per_sequence():
+    """`_grouped_sdpa` directly: sequences of mixed lengths in two rows, causal and not, fewer key/value heads;
+    each sequence attends only within itself, as explicit softmax(QK^T)V computes it."""
+    torch.manual_seed(0)
+    lengths = [3, 5, 3, 1, 4, 5, 3]  # rows of 12: 3+5+3+1 | 4+5+3
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = torch.randn(2, 4, 12, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    flat = [x.transpose(1, 2).reshape(24, x.shape[1], 8) for x in (q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))]
+    for causal in (False, True):
+        out, _ = attention._grouped_sdpa(module, q, k, v, cu, causal, scaling=0.3)
+        assert out.shape == (2, 12, 4, 8)
+        want = torch.empty(24, 4, 8)
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            s = torch.einsum("qhd,khd->hqk", flat[0][start:end], flat[1][start:end]) * 0.3
+            if causal:
+                s = s.masked_fill(torch.ones(end - start, end - start, dtype=torch.bool).triu(1), float("-inf"))
+            want[start:end] = torch.einsum("hqk,khd->qhd", s.softmax(-1), flat[2][start:end])
+        assert torch.allclose(out.reshape(24, 4, 8), want, atol=1e-5), causal

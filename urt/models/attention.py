@@ -167,15 +167,30 @@ def _boundaries(query: torch.Tensor, b: int, t: int, kwargs: dict) -> tuple[torc
     return torch.arange(0, (b + 1) * t, t, device=query.device, dtype=torch.int32), t
 
 
-def _block_mask(cu: torch.Tensor, b: int, t: int, causal: bool) -> torch.Tensor:
-    """(b, 1, t, t) boolean mask: each token attends within its own sequence (and to earlier tokens when
-    causal), for sdpa where the kernel cannot run."""
-    lengths = (cu[1:] - cu[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths).view(b, t)
-    mask = seq[:, :, None] == seq[:, None, :]
-    if causal:
-        mask &= torch.ones(t, t, dtype=torch.bool, device=cu.device).tril()
-    return mask[:, None]
+def _grouped_sdpa(module, query, key, value, cu: torch.Tensor, causal: bool, **kwargs):
+    """Attention within each sequence of the flattened (b * t) tokens without the varlen kernel: sequences of
+    equal length are stacked into one sdpa batch, one sdpa call per distinct length. A vision tower's windows
+    (a handful of lengths) then take a few calls per block instead of one per window, and nothing attends
+    through a dense (b * t)^2 block-diagonal mask. Exact: each sequence sees only itself, as in the kernel."""
+    b, hq, t, d = query.shape
+    flat = [x.transpose(0, 1).reshape(x.shape[1], b * t, d) for x in (query, key, value)]  # (H, b*t, D)
+    starts, lengths = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    starts, lengths = starts[lengths > 0], lengths[lengths > 0]  # an empty window attends to nothing
+    distinct = torch.unique(lengths)
+    if distinct.numel() == 1:  # one length: the sequences tile the tokens, a view stacks them
+        n, length = lengths.numel(), int(distinct)
+        q, k, v = (x.view(x.shape[0], n, length, d).transpose(0, 1) for x in flat)
+        out, _ = _sdpa(module, q, k, v, None, is_causal=causal, **kwargs)  # (n, length, Hq, D)
+        return out.reshape(b, t, hq, d), None
+    pieces, order = [], []
+    for length in distinct.tolist():
+        idx = starts[lengths == length][:, None] + torch.arange(length, device=cu.device)  # (n, length)
+        q, k, v = (x[:, idx].transpose(0, 1) for x in flat)  # (n, H, length, D)
+        out, _ = _sdpa(module, q, k, v, None, is_causal=causal, **kwargs)
+        pieces.append(out.reshape(-1, hq, d))
+        order.append(idx.reshape(-1))
+    out = torch.cat(pieces)[torch.argsort(torch.cat(order))]
+    return out.reshape(b, t, hq, d), None
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -195,8 +210,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if cu.numel() - 1 == b:
             return _sdpa(module, query, key, value, None, dropout=dropout, scaling=scaling,
                          is_causal=is_causal, **kwargs)
-        return _sdpa(module, query, key, value, _block_mask(cu, b, tq, causal), dropout=dropout,
-                     scaling=scaling, is_causal=False, **kwargs)
+        return _grouped_sdpa(module, query, key, value, cu, causal, dropout=dropout, scaling=scaling, **kwargs)
     dtype = kernel_dtype(query) or query.dtype
     q = query.transpose(1, 2).reshape(b * tq, hq, d).to(dtype)
     k = key.transpose(1, 2).reshape(b * tk, hkv, d).to(dtype)
@@ -260,10 +274,14 @@ def register() -> None:
 
 def use_varlen_in_vision(model) -> bool:
     """Point a Qwen vision tower at `VISION_VARLEN` so it runs one varlen call per block instead of one
-    sdpa call per window. Returns whether a vision sub-config was switched."""
+    sdpa call per window (under `VARLEN`, or under sdpa for the Qwen towers: where the kernel cannot run,
+    windows of one length share an sdpa call, `_grouped_sdpa`). Returns whether a vision sub-config was
+    switched."""
     cfg = getattr(model, "config", None)
     vision_cfg = getattr(cfg, "vision_config", None)
-    if vision_cfg is None or getattr(cfg, "_attn_implementation", None) != VARLEN:
+    impl = getattr(cfg, "_attn_implementation", None)
+    windowed = str(getattr(vision_cfg, "model_type", "")).startswith("qwen")
+    if vision_cfg is None or not (impl == VARLEN or (impl == "sdpa" and windowed)):
         return False
     register()
     # the config's own setter, not the model's set_attn_implementation: that one would look for flash-attn

@@ -363,7 +363,7 @@ def load_model(
             )
 
     model = model.to(device)
-    if attn == attention.VARLEN:
+    if attn in (attention.VARLEN, "sdpa"):
         attention.use_varlen_in_vision(model)
     set_trainable(
         model, family, vision=not freeze_vision, projector=not freeze_projector, language=not freeze_language
