@@ -329,3 +329,44 @@ def test_lightning_resume_sees_the_uninterrupted_batches(shards, qwen, tmp_path)
     again = Probe()
     trainer(8).fit(again, datamodule=_dm(shards, qwen, **kw), ckpt_path=tmp_path / "end.ckpt")
     assert again.seen[:5] == full.seen[3:]
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("order", ["keep", "random", "both"])
+def test_cache_encoded_gives_the_same_batches_encoding_once(shards, qwen, order):
+    """cache_encoded: three epochs give batch for batch the same tensors as without it, and each (pair,
+    order) is encoded once; the epochs still reshuffle, and skips are counted in every epoch."""
+    plain = _dm(shards, qwen, order=order, max_length=485)  # the 5 image-understanding pairs: overlong
+    cached = _dm(shards, qwen, order=order, max_length=485, cache_encoded=True)
+    calls = []
+    encoder = cached.encoder
+
+    def counting(sample):
+        calls.append((sample.key, bool(sample.meta.get("swapped"))))
+        return encoder(sample)
+
+    cached.encoder = counting
+    epochs = []
+    for epoch in range(3):
+        want, got = list(plain.train_dataloader()), list(cached.train_dataloader())
+        assert len(want) == len(got) and all(_same_batch(a, b) for a, b in zip(want, got)), epoch
+        assert cached.skip_stats.skipped == plain.skip_stats.skipped and cached.skip_stats.skipped["overlong"] > 0
+        epochs.append(_keys(got))
+    assert epochs[0] != epochs[1]  # reshuffled
+    overlong = plain.skip_stats.skipped["overlong"]  # per epoch
+    kept = {u for u in calls if not u[0].startswith("image_understanding")}
+    # each kept (pair, order) encoded once; the overlong ones are tried (and counted) in every epoch
+    assert len(calls) == len(kept) + 3 * overlong
+    assert sum(len(v) - 1 for v in cached._encoded.values()) == len(kept)
+    if order != "random":
+        assert len(kept) == 15 * (2 if order == "both" else 1)
+
+
+def test_cache_encoded_needs_the_main_process(shards, qwen):
+    with pytest.raises(UrtError, match="num_workers=0"):
+        _dm(shards, qwen, num_workers=2, cache_encoded=True)

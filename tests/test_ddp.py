@@ -37,12 +37,7 @@ from urt.data.shards import write_shards
 DEADLINE_S = 240  # a 2-process run takes ~15 s here; past this it hangs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 # ------------------------------------------------------------------------------------------ processes

@@ -16,14 +16,7 @@ from urt.demo.report import build_report, checks, markdown, plot
 from urt.errors import UrtError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 def test_attributes_come_from_the_images_own_qa_pairs():

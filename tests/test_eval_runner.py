@@ -136,16 +136,6 @@ def test_runner_real_vl_rewardbench_slice(tmp_path, counted):
     assert sum(counted) == 6
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def check_video_run(argv, out, counted, keys, votes):
     """A video-generation benchmark run with order=both: 2 judgements per item, tau/diff/by_vote and the
     position consistency block in results, nothing regenerated on a re-run."""
@@ -182,7 +172,7 @@ def video_argv(benchmark, path, root, out):
 
 
 @pytest.mark.skipif(not (REF / "genai_bench_video.json").is_file(), reason="reference benchmarks not present")
-def test_runner_real_genai_bench_video_slice(tmp_path, counted, one_thread):
+def test_runner_real_genai_bench_video_slice(tmp_path, counted, torch_one_thread):
     raw = json.loads((REF / "genai_bench_video.json").read_text())[:3]
     root = tmp_path / "media"
     for i, it in enumerate(raw):  # synthetic videos at the paths the benchmark references
@@ -197,7 +187,7 @@ def test_runner_real_genai_bench_video_slice(tmp_path, counted, one_thread):
     assert r["benchmark"] == "genai_bench_video"
 
 
-def test_runner_videogen_rewardbench_jsonl(tmp_path, counted, one_thread):
+def test_runner_videogen_rewardbench_jsonl(tmp_path, counted, torch_one_thread):
     rows = [{"prompt": "a cat surfing", "path_A": "a/0.mp4", "path_B": "b/0.mp4", "Overall": "A"},
             {"prompt": "a dog on the moon", "path_A": "a/1.mp4", "path_B": "b/1.mp4", "Overall": "B"},
             {"prompt": "rain over a city", "path_A": "a/2.mp4", "path_B": "b/2.mp4", "Overall": "same"}]

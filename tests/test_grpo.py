@@ -21,12 +21,7 @@ COLUMNS = {"step", "prompt_key", "group", "sample", "task", "label", "prompt", "
            "reward_accuracy", "reward", "advantage", "completion_length"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 def exp(name: str) -> str:

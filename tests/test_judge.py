@@ -6,7 +6,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 import urt.judge as judge_mod
 from data_fixtures import mp4_bytes, synthetic_frames, vqa_image
@@ -30,13 +29,7 @@ COT_1_SWAPPED = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models decode faster on one thread, and far faster when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from data_fixtures import vqa_image, vqa_question
@@ -56,12 +55,7 @@ UNIFIED = ["HPD", "OIP", "EvalMuse", "OpenAI-4o_t2i_human_preference", "LLaVA-Cr
            "Text2Video-Human_Preferences", "ShareGPTVideo-pairwise"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give on 2 shared cores
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 def _pipe(name: str, *extra: str) -> Pipeline:

@@ -7,7 +7,6 @@ each command reads what the previous one wrote, through the paper experiments' o
 import json
 
 import pytest
-import torch
 
 from data_fixtures import vqa_image
 from urt.cli import main
@@ -18,15 +17,7 @@ from urt.prompts import answer_string, parse_output
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give on 2 shared cores
-    yield
-    torch.set_num_threads(before)
-
-
-def test_distill_cold_start_sample_stage2(tmp_path, monkeypatch, capsys, one_thread):
+def test_distill_cold_start_sample_stage2(tmp_path, monkeypatch, capsys, torch_one_thread):
     monkeypatch.setenv("URT_ROOT", str(tmp_path))
     pairs = [
         Sample(f"ig-{j}", "image_generation", 1 + j % 2, [vqa_image(2 * j + 1), vqa_image(2 * j + 2)],

@@ -21,7 +21,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from grpo_fixtures import grpo_cfg, write_grpo_prompts
 from urt.errors import UrtError
@@ -34,12 +33,7 @@ REQUIRED = {"step", "prompt_key", "group", "sample", "sample_key", "task", "prom
 WANDB_VARS = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 @pytest.fixture(scope="module")

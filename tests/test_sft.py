@@ -25,13 +25,7 @@ TINY = {"llava_ov_7b": "tiny_llava_onevision", "qwen2_5_vl_7b": "tiny_qwen2_5_vl
         "qwen3_5": "tiny_qwen3_5"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~50x faster on one thread than on oversubscribed cores (shared CI machines)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 def exp(name: str) -> str:

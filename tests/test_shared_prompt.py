@@ -26,7 +26,7 @@ from urt.rl.visual_cache import VisualCache
 from urt.stages.grpo import completion_sequence, sequence_logprobs
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
-one_thread = test_visual_cache.one_thread  # its autouse fixture: torch on one thread in this module too
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def mixed_rollout(b):

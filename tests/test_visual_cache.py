@@ -31,12 +31,7 @@ PACKING = ["llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 CASES = [(f, "packed") for f in PACKING] + [(f, "padded") for f in SUPPORTED_FAMILIES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one thread beats two on 2 cores
 
 
 def bundle(family, **kw):

@@ -111,6 +111,14 @@ def load_image(split: str, image_id: int) -> Image.Image:
         return im.convert("RGB")
 
 
+@lru_cache(maxsize=8192)
+def _source(split: str, image_id: int, size: int | None) -> Image.Image:
+    """An easy-vqa image, decoded (and resized to size x size) once: the pairs reuse each image ~3 times.
+    Shared: callers copy or only read it."""
+    img = load_image(split, image_id)
+    return img if size is None else img.resize((size, size), Image.BICUBIC)
+
+
 def moving_clip(img: Image.Image, direction: str, frames: int = 4, step: int = 6) -> list[Image.Image]:
     """`frames` frames of the image's content translated `step` px per frame in `direction` (centred on
     the original position), the uncovered border filled with the background colour (corner pixel)."""
@@ -271,12 +279,12 @@ def _task_stream(task, split, pool, qas, rng, frames, step, sizes) -> Iterator[S
     isz, vsz = sizes
 
     def image(i: int) -> Image.Image:
-        return load_image(split, i).resize((isz, isz), Image.BICUBIC)
+        return _source(split, i, isz).copy()
 
     def clip(i: int, motion: str) -> Video:
         # move at the source resolution (whole pixels), then resize each frame
         return Video(frames=[f.resize((vsz, vsz), Image.BICUBIC)
-                             for f in moving_clip(load_image(split, i), motion, frames, step)])
+                             for f in moving_clip(_source(split, i, None), motion, frames, step)])
 
     n = 0
     while True:
