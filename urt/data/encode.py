@@ -44,7 +44,7 @@ from urt.prompts import (
 MODES = ("sft", "prompt")
 TARGETS = ("cot", "answer", "describe", "reason")
 IGNORE_INDEX = -100
-IM_END = "<|im_end|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Frame rate assumed for a video whose `fps` is unknown (Qwen2-VL's video processor default).
 DEFAULT_VIDEO_FPS = 2.0
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
@@ -333,9 +333,16 @@ class SampleEncoder:
 
     def _target_span(self, key: str, prompt_text: str, full_text: str, input_ids: torch.Tensor) -> tuple[int, int]:
         """(prompt_length, end) of the supervised span in the processor's `input_ids`: the target tokens
-        and the closing `<|im_end|>`; verified against plain tokenisation, raising on any mismatch."""
-        p_ids = self._tokenize(prompt_text)
-        f_ids = self._tokenize(full_text)
+        and the closing `<|im_end|>`; verified against plain tokenisation, raising on any mismatch.
+
+        Only the text from the prompt's last `<|im_start|>` on is tokenised: the tokenizer splits on its added
+        tokens before anything else, so the tokens after one do not depend on the text before it (the long
+        prompt, visual placeholders included, would cost two more full tokenisations per sample)."""
+        cut = prompt_text.rfind(IM_START)
+        if cut < 0 or self.tokenizer.convert_tokens_to_ids(IM_START) in (None, self.tokenizer.unk_token_id):
+            cut = 0
+        p_ids = self._tokenize(prompt_text[cut:])
+        f_ids = self._tokenize(full_text[cut:])
         if f_ids[: len(p_ids)] != p_ids:
             raise UrtError(
                 f"sample {key!r}: the prompt's tokens are not a prefix of the prompt+target tokens (the "
