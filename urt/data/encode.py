@@ -146,6 +146,8 @@ class SampleEncoder:
         self._by_target: dict[tuple[str, str | None], SampleEncoder] = {}
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
+        start_id = self.tokenizer.convert_tokens_to_ids(IM_START)
+        self._split_at_im_start = start_id is not None and start_id != self.tokenizer.unk_token_id  # _target_span
         if self.im_end_id is None or self.im_end_id == self.tokenizer.unk_token_id:
             raise UrtError(f"the {family} tokenizer has no {IM_END} token; urt's families all speak ChatML")
 
@@ -338,9 +340,7 @@ class SampleEncoder:
         Only the text from the prompt's last `<|im_start|>` on is tokenised: the tokenizer splits on its added
         tokens before anything else, so the tokens after one do not depend on the text before it (the long
         prompt, visual placeholders included, would cost two more full tokenisations per sample)."""
-        cut = prompt_text.rfind(IM_START)
-        if cut < 0 or self.tokenizer.convert_tokens_to_ids(IM_START) in (None, self.tokenizer.unk_token_id):
-            cut = 0
+        cut = max(prompt_text.rfind(IM_START), 0) if self._split_at_im_start else 0
         p_ids = self._tokenize(prompt_text[cut:])
         f_ids = self._tokenize(full_text[cut:])
         if f_ids[: len(p_ids)] != p_ids:

@@ -13,8 +13,8 @@ kernel. The attention function takes the varlen kernel when the call is
 padding-free self-attention (no mask, as many queries as keys: training forwards, packed or not, and
 unpadded prefills) and hands every other call (padding masks, decoding with a cache) to transformers' sdpa
 function unchanged, so results there are sdpa's. Under autocast (bf16-mixed training) the kernel runs in
-autocast's dtype, as sdpa would. Where the kernel cannot run (CPU, plain fp32, dropout) a packed row goes to
-sdpa with the block-diagonal mask built here, so `VARLEN` is exact on every device.
+autocast's dtype, as sdpa would. Where the kernel cannot run (CPU, plain fp32, dropout) the sequences go to
+sdpa stacked by length, one call per distinct length (`_grouped_sdpa`), so `VARLEN` is exact on every device.
 
 Sequence boundaries, in order of preference:
 
@@ -28,7 +28,8 @@ The vision towers of the Qwen families use the variable-length path only under a
 whose name contains "flash"; otherwise they loop over windows with one sdpa call each, which is
 launch-bound. `use_varlen_in_vision` points the vision sub-config at `VISION_VARLEN`, the same function
 under a "flash" name, set on the config directly (transformers' setter would try to import flash-attn
-kernels for a "flash" name).
+kernels for a "flash" name). `load_model` does this under `VARLEN`, and under sdpa for the Qwen towers, whose
+windows then share sdpa calls where the kernel cannot run.
 """
 
 from __future__ import annotations
