@@ -300,3 +300,26 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("finished earlier: skipped") == 9
     assert json.loads(path.read_text())["stages"] == rep["stages"]
+
+
+def test_smoke_preset_trains_each_stage_on_the_default_layout(tmp_path):
+    """CI runs only the smoke preset: its stages must batch as the default's do (packed rows under urt_varlen for
+    the base, cold start and rejection sampling; padded grounding), and keep every correct trace."""
+    from urt.config import compose_config
+    from urt.demo.cli import demo_overrides
+    from urt.pipeline import Pipeline
+
+    def layouts(preset):
+        ov = demo_overrides([f"demo={preset}", f"paths.runs={tmp_path}"])
+        pipe = Pipeline(compose_config(ov), ov)
+        out = {}
+        for step in ("grounding", "base", "cold_start", "rejection_sampling"):
+            c = pipe.compose(step)
+            out[step] = (c.model.attn_implementation, c.data.collate)
+        out["keep"] = pipe.compose("rs_sample").sample.keep
+        return out
+
+    default, smoke = layouts("default"), layouts("smoke")
+    assert default == smoke
+    assert default["cold_start"] == ("urt_varlen", "packed") and default["grounding"][1] == "padded"
+    assert default["keep"] == "all"
