@@ -567,6 +567,10 @@ class RewardDataModule(L.LightningDataModule):
             raise UrtError("RewardDataModule needs the model bundle: call datamodule.attach(bundle) (or pass "
                            "bundle=...) before setup/fit")
 
+    def teardown(self, stage: str | None = None) -> None:
+        if stage == "fit":
+            self._encoded.clear()  # cache_encoded serves the epochs of one fit, not whatever runs next
+
     def _dataset(self, split: str) -> ShardStream:
         self.setup()
         spec = {"train": self.train_shards, "val": self.val_shards, "test": self.test_shards}[split]
