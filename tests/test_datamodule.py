@@ -367,6 +367,18 @@ def test_cache_encoded_gives_the_same_batches_encoding_once(shards, qwen, order)
         assert len(kept) == 15 * (2 if order == "both" else 1)
 
 
+def test_cache_encoded_is_dropped_when_the_fit_ends(shards, qwen):
+    """The cache serves the epochs of one fit: teardown("fit") (Lightning calls it at the end of fit) empties it,
+    so a pipeline's next step does not carry the last one's encodings."""
+    dm = _dm(shards, qwen, cache_encoded=True)
+    list(dm.train_dataloader())
+    assert dm._encoded
+    dm.teardown("validate")
+    assert dm._encoded
+    dm.teardown("fit")
+    assert dm._encoded == {}
+
+
 def test_cache_encoded_needs_the_main_process(shards, qwen):
     with pytest.raises(UrtError, match="num_workers=0"):
         _dm(shards, qwen, num_workers=2, cache_encoded=True)

@@ -267,6 +267,38 @@ def test_only_names_an_enabled_step(tmp_path):
         run_pipeline(ov, only=["nope"])
 
 
+def test_each_finished_step_is_freed_before_the_next(tmp_path, monkeypatch):
+    """What a step built sits in reference cycles (trainer <-> module <-> data module): the pipeline collects it
+    after the step, so the next step does not run beside the last one's model and data (a 5 GB encoding cache
+    in the demo; a whole model on a GPU)."""
+    import gc
+    import weakref
+
+    class Built:  # stands in for a stage's trainer / module / data module
+        pass
+
+    alive: dict[str, list] = {}
+
+    def run_step(self, name, st):
+        self.step_dir(name).mkdir(parents=True)
+        a, b = Built(), Built()
+        a.other, b.other = b, a  # a cycle: only a full collection frees it
+        alive[name] = [weakref.ref(a)]
+        for earlier, refs in alive.items():
+            if earlier != name:
+                assert refs[0]() is None, f"{earlier} still alive while {name} runs"
+
+    monkeypatch.setattr(Pipeline, "_run_step", run_step)
+    ov = ["experiment=paper/qwen2_5_vl_7b/pipeline", f"paths.root={tmp_path}", "pipeline.eval.after=[]"]
+    gc.disable()
+    try:
+        run_pipeline(ov, only=["cold_start", "rs_sample", "rejection_sampling"])
+    finally:
+        gc.enable()
+    assert list(alive) == ["cold_start", "rs_sample", "rejection_sampling"]
+    assert all(refs[0]() is None for refs in alive.values())
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def _ig(key: str, i: int, label: int = 1) -> Sample:
     return Sample(key, "image_generation", label, [vqa_image(2 * i + 1), vqa_image(2 * i + 2)],
