@@ -277,16 +277,16 @@ def test_each_finished_step_is_freed_before_the_next(tmp_path, monkeypatch):
     class Built:  # stands in for a stage's trainer / module / data module
         pass
 
-    alive: dict[str, list] = {}
+    alive: dict[str, weakref.ref] = {}
 
     def run_step(self, name, st):
         self.step_dir(name).mkdir(parents=True)
         a, b = Built(), Built()
         a.other, b.other = b, a  # a cycle: only a full collection frees it
-        alive[name] = [weakref.ref(a)]
-        for earlier, refs in alive.items():
+        alive[name] = weakref.ref(a)
+        for earlier, ref in alive.items():
             if earlier != name:
-                assert refs[0]() is None, f"{earlier} still alive while {name} runs"
+                assert ref() is None, f"{earlier} still alive while {name} runs"
 
     monkeypatch.setattr(Pipeline, "_run_step", run_step)
     ov = ["experiment=paper/qwen2_5_vl_7b/pipeline", f"paths.root={tmp_path}", "pipeline.eval.after=[]"]
@@ -296,7 +296,7 @@ def test_each_finished_step_is_freed_before_the_next(tmp_path, monkeypatch):
     finally:
         gc.enable()
     assert list(alive) == ["cold_start", "rs_sample", "rejection_sampling"]
-    assert all(refs[0]() is None for refs in alive.values())
+    assert all(ref() is None for ref in alive.values())
 
 
 # ------------------------------------------------------------------------------------------ end to end
