@@ -362,7 +362,7 @@ def test_cache_encoded_gives_the_same_batches_encoding_once(shards, qwen, order)
     kept = {u for u in calls if not u[0].startswith("image_understanding")}
     # each kept (pair, order) encoded once; the overlong ones are tried (and counted) in every epoch
     assert len(calls) == len(kept) + 3 * overlong
-    assert sum(len(v) - 1 for v in cached._encoded.values()) == len(kept)
+    assert cached._encoded.units == len(kept)
     if order != "random":
         assert len(kept) == 15 * (2 if order == "both" else 1)
 
@@ -376,7 +376,7 @@ def test_cache_encoded_is_dropped_when_the_fit_ends(shards, qwen):
     dm.teardown("validate")
     assert dm._encoded
     dm.teardown("fit")
-    assert dm._encoded == {}
+    assert len(dm._encoded) == 0 and dm._encoded.nbytes == 0
 
 
 def test_cache_encoded_needs_the_main_process(shards, qwen):

@@ -78,6 +78,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from urt.data.cache import EncodedCache
 from urt.data.encode import OverlongSample, SampleEncoder
 from urt.data.schema import TASKS, Sample
 from urt.data.shards import ShardError, SkipStats, _load_opts, decode_sample, make_pipeline, resolve_shards
@@ -163,7 +164,7 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], *, split: str, encoder: SampleEncoder, collator, batch_size: int,
                  collate: str, max_tokens_per_batch: int | None, shuffle: bool, shuffle_buffer: int, seed: int,
                  order: str, tasks: Sequence[str] | None, on_error: str, drop_last: bool, load_opts: dict,
-                 group_by_length: int = 0, cache: dict | None = None):
+                 group_by_length: int = 0, cache: EncodedCache | None = None):
         self.urls = list(urls)
         self.split = split
         self.encoder = encoder
@@ -320,7 +321,7 @@ class ShardStream(IterableDataset):
                         fail(pos, ShardError(url, key, "encode_error", str(err)), UrtError(f"{url}: {err}"))
                         continue
                     if self.cache is not None:
-                        self.cache.setdefault((url, raw.get("__key__")), {"key": key})[swap] = enc
+                        self.cache.put((url, raw.get("__key__")), key, swap, enc)
                 if self.packed and self.max_tokens and len(enc) > self.max_tokens:
                     fail(pos, ShardError(url, key, "overlong", f"{len(enc)} tokens > max_tokens_per_batch "
                                                                f"{self.max_tokens}"),
@@ -461,7 +462,8 @@ class RewardDataModule(L.LightningDataModule):
             skip decoding and the processor (the same tensors: a run gives the same batches with or without
             it). For small data read for several epochs on few cores (the demo's grounding step reads its
             6,000 pairs 2.7 times; encoding was ~40% of its step); memory is about the pixel values (4 bytes x
-            1176 per patch: ~0.5 MB per demo pair). Needs num_workers=0: workers start afresh every epoch.
+            1176 per patch: ~0.5 MB per demo pair), held in 64 MB slabs that go back to the system when the fit
+            ends (urt/data/cache.py). Needs num_workers=0: workers start afresh every epoch.
         bundle: a ModelBundle to attach right away (else call ``attach(bundle)`` before ``setup``).
     """
 
@@ -516,7 +518,7 @@ class RewardDataModule(L.LightningDataModule):
                            f"num_workers=0 (DataLoader workers start afresh every epoch), got num_workers="
                            f"{self.num_workers}")
         self.cache_encoded = bool(cache_encoded)
-        self._encoded: dict = {}  # cache_encoded: see ShardStream.cache
+        self._encoded = EncodedCache()  # cache_encoded: see ShardStream.cache
         self.load_opts = _load_opts(frames=frames, frame_sampling=frame_sampling, fps=fps, max_frames=max_frames,
                                     min_pixels=min_pixels, max_pixels=max_pixels,
                                     video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
