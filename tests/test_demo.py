@@ -295,6 +295,17 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert set(rep["implicit"]) == set(rep["stages"])
     assert (path.parent / "report.md").is_file() and (path.parent / "report.png").is_file()
     assert len(rep["grpo_curve"]) == 2
+    # each stage against the one before, on the same judgements: the flips account for the accuracies
+    assert list(rep["transitions"]) == ["cold_start_vs_base", "rejection_sampling_vs_cold_start",
+                                        "grpo_vs_rejection_sampling"]
+    for k, t in rep["transitions"].items():
+        after, before = k.split("_vs_")
+        n = t["n"]
+        assert n == rep["stages"][after]["n"] > 0
+        assert round(rep["stages"][before]["overall"] * n) + t["gained"] - t["lost"] == round(
+            rep["stages"][after]["overall"] * n)
+        assert 0.0 < t["p_value"] <= 1.0
+    assert "grpo vs rejection sampling: +" in "\n".join(out) and "McNemar" in (path.parent / "report.md").read_text()
     # a re-run skips every finished step and evaluation and writes the same table
     assert main(["demo", "demo=smoke", f"paths.runs={tmp_path}"]) == 0
     again = capsys.readouterr().out

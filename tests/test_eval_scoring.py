@@ -3,6 +3,7 @@ and the real reference benchmark files."""
 
 import argparse
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -293,3 +294,43 @@ def test_real_genai_video_always_left_and_swapped(tmp_path):
     r = score(items, plain + swapped, benchmark="genai_bench_video", mode="implicit")
     assert r["position"]["consistency"]["rate"] == 1.0 and r["position"]["consistency"]["pairs"] == len(raw)
     assert r["position"]["pred_1_rate"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------ paired comparison
+def test_judgement_outcomes_map_swapped_answers_back_and_agree_with_the_accuracy():
+    from urt.eval.benchmarks import judgement_outcomes
+
+    items = [Item("a", "image_generation", 1), Item("b", "image_generation", 2), Item("c", "image_generation", "tie")]
+    preds = [Prediction("a", cot("Image 1 is better")),
+             Prediction("a", cot("Image 1 is better"), swapped=True),  # shown swapped: says the original 2
+             Prediction("b", cot("Image 1 is better"), swapped=True),  # shown swapped: the original 2, right
+             Prediction("b", "no answer at all"),
+             Prediction("c", cot("Image 1 is better"))]
+    got = judgement_outcomes(items, preds)
+    assert got == {("a", False): True, ("a", True): False, ("b", True): True, ("b", False): False,
+                   ("c", False): False}
+    res = score(items, preds)
+    assert res["accuracy"] == pytest.approx(sum(got.values()) / len(got))
+    with pytest.raises(UrtError, match="'zz'.*matches no item"):
+        judgement_outcomes(items, [Prediction("zz", cot("Image 1 is better"))])
+
+
+def test_paired_comparison_counts_flips_and_gives_the_exact_mcnemar_p():
+    from urt.eval.benchmarks import paired_comparison
+
+    keys = [(f"k{i}", s) for i in range(20) for s in (False, True)]
+    before = {k: i < 30 for i, k in enumerate(keys)}  # 30 of 40 right
+    after = dict(before)
+    for k in keys[:5]:  # 5 right -> wrong, nothing gained
+        after[k] = False
+    r = paired_comparison(before, after)
+    assert (r["n"], r["gained"], r["lost"]) == (40, 0, 5)
+    assert r["p_value"] == pytest.approx(2 / 2 ** 5)  # both tails of Binomial(5, 1/2) at 0 and 5
+    for k in keys[30:37]:  # and 7 wrong -> right: 7 vs 5 of 12 discordant
+        after[k] = True
+    r = paired_comparison(before, after)
+    assert (r["gained"], r["lost"]) == (7, 5)
+    assert r["p_value"] == pytest.approx(2 * sum(math.comb(12, i) for i in range(6)) / 2 ** 12)  # 0.774
+    assert paired_comparison(before, before) == {"n": 40, "gained": 0, "lost": 0, "p_value": 1.0}
+    # only the judgements both models made are compared
+    assert paired_comparison(before, {keys[0]: False})["n"] == 1

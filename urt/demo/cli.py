@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from urt.demo.report import write_report
+    from urt.demo.report import transition_lines, write_report
     from urt.pipeline import run_pipeline
     from urt.pipeline_cli import stage_table
 
@@ -62,6 +62,8 @@ def _run(args: argparse.Namespace) -> int:
         console.print(stage_table({"stages": report["implicit"]}, title="implicit (direct answer) mode (%)"))
     for k, v in report["checks"].items():
         console.print(f"  {k.replace('_', ' ')}: {'-' if v is None else ('yes' if v else 'NO')}")
+    for line in transition_lines(report):
+        console.print(f"  {line}")
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {pipe.dir / 'report.md'}, "
                   f"{pipe.dir / 'report.png'}")
     print(pipe.dir / "report.json")

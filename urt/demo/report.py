@@ -6,6 +6,7 @@ report.json::
      "implicit": {"base": S, ...},          # direct-answer (implicit prompt) figures beside
      "grpo_curve": [{"step": 1, "reward": r, "accuracy": a, "format": f}, ...],
      "vision": {"heldout_before": {...}, "heldout_after": {...}},  # the vision step's attribute heads, if run
+     "transitions": {"grpo_vs_rejection_sampling": {"n": 400, "gained": g, "lost": l, "p_value": p}, ...},
      "data": {...}, "seconds": {...}, "checks": {...}}
 
 where S = {"overall", "format_rate", "answer_1_rate", "gold_1_rate", "tasks": {task: acc}, ...}.
@@ -59,6 +60,40 @@ def checks(stages: dict) -> dict:
     }
 
 
+def transitions(pipe_dir: Path, stages: list[str], mode: str = "cot") -> dict:
+    """Each evaluated stage against the one before it on the same held-out judgements: how many it gets right
+    that the previous stage got wrong (gained), the reverse (lost), and the exact McNemar p-value; whether a
+    row of the table differs from the one above it by more than a few flipped judgements. Stages whose
+    generations are missing are left out."""
+    from urt.eval.benchmarks import judgement_outcomes, load_shard_items, paired_comparison
+    from urt.eval.runner import read_generations
+
+    outcomes: dict[str, dict] = {}
+    items: dict[str, list] = {}
+    for name in stages:
+        d = Path(pipe_dir) / "eval" / name / f"shards-{mode}"
+        gen, res = d / "generations.jsonl", d / "results.json"
+        if not (gen.is_file() and res.is_file()):
+            continue
+        shards = json.loads(res.read_text()).get("shards")
+        if not shards or not Path(shards).is_dir():
+            shards = str(Path(pipe_dir) / "data" / "test")  # the demo's held-out pairs (a relative path moved)
+        if shards not in items:
+            items[shards] = load_shard_items(shards)
+        outcomes[name] = judgement_outcomes(items[shards], read_generations(gen), mode=mode)
+    names = list(outcomes)
+    return {f"{b}_vs_{a}": paired_comparison(outcomes[a], outcomes[b]) for a, b in zip(names, names[1:])}
+
+
+def transition_lines(report: dict) -> list[str]:
+    out = []
+    for k, t in (report.get("transitions") or {}).items():
+        after, before = k.split("_vs_")
+        out.append(f"{after.replace('_', ' ')} vs {before.replace('_', ' ')}: +{t['gained']} / -{t['lost']} "
+                   f"judgements of {t['n']} (McNemar p = {t['p_value']:.2g})")
+    return out
+
+
 def build_report(pipe_dir: Path, results: dict, *, data_summary: dict | None = None) -> dict:
     stages, implicit = {}, {}
     for name in REPORT_STAGES:
@@ -87,7 +122,8 @@ def build_report(pipe_dir: Path, results: dict, *, data_summary: dict | None = N
         v = json.loads(vj.read_text())
         vision = {k: v.get(k) for k in ("heldout_before", "heldout_after")}
     return {"stages": stages, "implicit": implicit, "grpo_curve": grpo_curve(Path(pipe_dir) / "grpo"),
-            "vision": vision, "data": data_summary or {}, "seconds": seconds, "checks": checks(stages)}
+            "vision": vision, "data": data_summary or {}, "seconds": seconds, "checks": checks(stages),
+            "transitions": transitions(Path(pipe_dir), list(stages))}
 
 
 def _pct(v) -> str:
@@ -111,6 +147,9 @@ def markdown(report: dict, title: str = "urt demo") -> str:
     lines += ["", "## Checks", ""]
     lines += [f"- {k.replace('_', ' ')}: {'–' if v is None else ('yes' if v else 'NO')}"
               for k, v in report["checks"].items()]
+    if report.get("transitions"):
+        lines += ["", "## Each stage against the one before (the same held-out judgements, CoT)", ""]
+        lines += [f"- {x}" for x in transition_lines(report)]
     if (report.get("vision") or {}).get("heldout_after"):
         v = report["vision"]
         lines += ["", "## Vision pretraining (held-out visuals, attribute heads, %)", "",

@@ -38,6 +38,7 @@ task's strings count. Format-valid rate: CoT — the paper's format regex matche
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -188,6 +189,39 @@ def _acc_block(acc: PairwiseAccuracy) -> dict:
     from urt.eval.metrics import as_float
 
     return {"n": int(acc.total), "correct": int(acc.correct), "accuracy": as_float(acc.compute())}
+
+
+def judgement_outcomes(items: Iterable[Any], predictions: Iterable[Prediction], *, mode: str = "cot"
+                       ) -> dict[tuple[str, bool], bool]:
+    """(key, swapped) -> whether that judgement is correct, as PairwiseAccuracy counts it (the parsed winner,
+    mapped back to the original order, equals the gold label; no answer is wrong). For paired comparisons of
+    two models on the same judgements (`paired_comparison`)."""
+    from urt.eval.metrics import NONE, encode_winner
+
+    check_mode(mode)
+    parse = parse_output if mode == "cot" else parse_implicit
+    by_key = {it.key: it for it in map(item_of, items)}
+    out = {}
+    for pr in predictions:
+        it = by_key.get(pr.key)
+        if it is None:
+            raise UrtError(f"prediction for key {pr.key!r} (line {pr.line}) matches no item")
+        presented = parse(pr.output, it.task).winner
+        w = encode_winner(_flip(presented) if pr.swapped else presented)
+        out[(pr.key, pr.swapped)] = w != NONE and w == encode_winner(it.label)
+    return out
+
+
+def paired_comparison(before: dict[tuple[str, bool], bool], after: dict[tuple[str, bool], bool]) -> dict:
+    """Two models' outcomes on the same judgements: how many `after` gets right that `before` got wrong
+    (gained) and the reverse (lost), and the exact two-sided McNemar p-value of the difference (a binomial
+    test on the discordant judgements): whether a change of accuracy is more than a few flipped judgements."""
+    common = sorted(set(before) & set(after))
+    gained = sum(after[k] and not before[k] for k in common)
+    lost = sum(before[k] and not after[k] for k in common)
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n if n else 1.0
+    return {"n": len(common), "gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail)}
 
 
 def score(items: Iterable[Any], predictions: Iterable[Prediction], *, benchmark: str | None = None,
