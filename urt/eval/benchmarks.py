@@ -177,6 +177,11 @@ def _flip(w: Any) -> Any:
     return 3 - w if w in (1, 2) else w
 
 
+def _winner(presented: Any, swapped: bool) -> Any:
+    """The winner in the item's original order, from the one said about the order shown."""
+    return _flip(presented) if swapped else presented
+
+
 def _vl_group(item: Item, scheme: str) -> str:
     meta_key = "group" if scheme == "official" else "group_official_script"
     g = item.meta.get(meta_key)
@@ -206,8 +211,7 @@ def judgement_outcomes(items: Iterable[Any], predictions: Iterable[Prediction], 
         it = by_key.get(pr.key)
         if it is None:
             raise UrtError(f"prediction for key {pr.key!r} (line {pr.line}) matches no item")
-        presented = parse(pr.output, it.task).winner
-        w = encode_winner(_flip(presented) if pr.swapped else presented)
+        w = encode_winner(_winner(parse(pr.output, it.task).winner, pr.swapped))
         out[(pr.key, pr.swapped)] = w != NONE and w == encode_winner(it.label)
     return out
 
@@ -216,7 +220,7 @@ def paired_comparison(before: dict[tuple[str, bool], bool], after: dict[tuple[st
     """Two models' outcomes on the same judgements: how many `after` gets right that `before` got wrong
     (gained) and the reverse (lost), and the exact two-sided McNemar p-value of the difference (a binomial
     test on the discordant judgements): whether a change of accuracy is more than a few flipped judgements."""
-    common = sorted(set(before) & set(after))
+    common = set(before) & set(after)
     gained = sum(after[k] and not before[k] for k in common)
     lost = sum(before[k] and not after[k] for k in common)
     n = gained + lost
@@ -280,8 +284,8 @@ def _score(items: Iterable[Any], predictions: Iterable[Prediction], *, benchmark
                            f"benchmark item is {it.task!r}: wrong benchmark file?")
         j = parse(pr.output, it.task)
         presented = j.winner
-        winner = _flip(presented) if pr.swapped else presented
-        gold_presented = _flip(it.label) if pr.swapped else it.label
+        winner = _winner(presented, pr.swapped)
+        gold_presented = _winner(it.label, pr.swapped)  # the same swap, either way
         winners[it.key][pr.swapped] = winner
         orders["swapped" if pr.swapped else "original"] += 1
         ok_format = j.format_ok if mode == "cot" else j.winner is not None
