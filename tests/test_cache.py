@@ -1,8 +1,9 @@
-"""cache_encoded's store (urt/data/cache.py): exact copies, kept in slabs that go back to the system when cleared."""
+"""cache_encoded's store (urt/data/cache.py): exact copies, kept in slabs that go back to the system when cleared;
+units sent from a DataLoader worker arrive exactly."""
 
 import torch
 
-from urt.data.cache import SLAB_BYTES, EncodedCache
+from urt.data.cache import SLAB_BYTES, EncodedCache, UnitCollector, unpack_into
 from urt.data.encode import Encoded
 
 
@@ -64,3 +65,30 @@ def test_slabs_are_mapped_alone_and_clear_gives_their_memory_back():
     cache.clear()
     assert len(cache) == 0 and cache.nbytes == 0
     assert before - _rss() > 0.9 * held
+
+
+def test_units_from_a_worker_arrive_exactly():
+    """A worker's UnitCollector misses every lookup and packs the units put since its last batch into one
+    byte buffer; unpacked into the main process's cache they equal the encoded ones (every dtype, odd sizes,
+    a unit without mm_token_type_ids), and the next pack starts empty."""
+    worker = UnitCollector()
+    units = [_enc(i, patches=3 + i) for i in range(5)]
+    units[2].mm_token_type_ids = None
+    for i, e in enumerate(units):
+        assert worker.get(("s.tar", f"r{i}")) is None
+        worker.put(("s.tar", f"r{i}"), e.key, bool(i % 2), e)
+    packed = worker.pack()
+    assert packed["bytes"].dtype == torch.uint8 and worker.pack() is None
+    cache = EncodedCache(slab_bytes=1 << 20)
+    assert unpack_into(cache, packed) == 5
+    for i, e in enumerate(units):
+        entry = cache.get(("s.tar", f"r{i}"))
+        kept = entry[bool(i % 2)]
+        assert entry["key"] == e.key and kept.meta == e.meta and kept.prompt_length == e.prompt_length
+        assert (kept.mm_token_type_ids is None) == (e.mm_token_type_ids is None)
+        pairs = [(kept.input_ids, e.input_ids), (kept.labels, e.labels), *[(kept.visual[k], e.visual[k]) for k in e.visual]]
+        if e.mm_token_type_ids is not None:
+            pairs.append((kept.mm_token_type_ids, e.mm_token_type_ids))
+        assert kept.visual.keys() == e.visual.keys()
+        for a, b in pairs:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

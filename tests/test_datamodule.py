@@ -338,12 +338,15 @@ def _same_batch(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("order", ["keep", "random", "both"])
-def test_cache_encoded_gives_the_same_batches_encoding_once(shards, qwen, order):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_encoded_gives_the_same_batches_encoding_once(shards, qwen, order, workers):
     """cache_encoded: three epochs give batch for batch the same tensors as without it, and each (pair,
-    order) is encoded once; the epochs still reshuffle, and skips are counted in every epoch."""
-    plain = _dm(shards, qwen, order=order, max_length=485)  # the 5 image-understanding pairs: overlong
-    cached = _dm(shards, qwen, order=order, max_length=485, cache_encoded=True)
-    calls = []
+    order) is encoded once; the epochs still reshuffle, and skips are counted in every epoch. With workers,
+    they encode the first epoch and send the units to the main process, which reads the later epochs itself
+    (playing the workers' round-robin): no encoding there but the overlong retries."""
+    plain = _dm(shards, qwen, order=order, max_length=485, num_workers=workers)  # image-understanding pairs: overlong
+    cached = _dm(shards, qwen, order=order, max_length=485, cache_encoded=True, num_workers=workers)
+    calls = []  # encodings in the main process (a worker appends to its own copy)
     encoder = cached.encoder
 
     def counting(sample):
@@ -357,9 +360,15 @@ def test_cache_encoded_gives_the_same_batches_encoding_once(shards, qwen, order)
         assert len(want) == len(got) and all(_same_batch(a, b) for a, b in zip(want, got)), epoch
         assert cached.skip_stats.skipped == plain.skip_stats.skipped and cached.skip_stats.skipped["overlong"] > 0
         epochs.append(_keys(got))
+        if workers and epoch == 0:
+            assert not calls and cached._encoded.units >= 15  # the worker's units arrived with its batches
     assert epochs[0] != epochs[1]  # reshuffled
     overlong = plain.skip_stats.skipped["overlong"]  # per epoch
     kept = {u for u in calls if not u[0].startswith("image_understanding")}
+    if workers:  # main process: the overlong retries of epochs 2 and 3; (random: units new in a later epoch)
+        assert len(calls) - len(kept) == 2 * overlong and (order == "random" or not kept)
+        assert cached._encoded.units == 15 * (2 if order == "both" else 1) or order == "random"
+        return
     # each kept (pair, order) encoded once; the overlong ones are tried (and counted) in every epoch
     assert len(calls) == len(kept) + 3 * overlong
     assert cached._encoded.units == len(kept)
@@ -379,6 +388,3 @@ def test_cache_encoded_is_dropped_when_the_fit_ends(shards, qwen):
     assert len(dm._encoded) == 0 and dm._encoded.nbytes == 0
 
 
-def test_cache_encoded_needs_the_main_process(shards, qwen):
-    with pytest.raises(UrtError, match="num_workers=0"):
-        _dm(shards, qwen, num_workers=2, cache_encoded=True)

@@ -78,7 +78,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from urt.data.cache import EncodedCache
+from urt.data.cache import EncodedCache, UnitCollector, unpack_into
 from urt.data.encode import OverlongSample, SampleEncoder
 from urt.data.schema import TASKS, Sample
 from urt.data.shards import ShardError, SkipStats, _load_opts, decode_sample, make_pipeline, resolve_shards
@@ -181,7 +181,8 @@ class ShardStream(IterableDataset):
         self.drop_last = drop_last
         self.load_opts = load_opts
         self.group = int(group_by_length) if not self.packed and int(group_by_length) > 1 else 0
-        # cache_encoded: (shard, raw key) -> {"key": sample key, swapped?: Encoded}, kept across epochs
+        # cache_encoded: (shard, raw key) -> {"key": sample key, swapped?: Encoded}, kept across epochs (an
+        # EncodedCache in the main process; in a worker a UnitCollector that sends the units with each batch)
         self.cache = cache
         # Set by the loader (main process) before each iteration; workers get copies.
         self.epoch = 0
@@ -271,6 +272,8 @@ class ShardStream(IterableDataset):
             counts, excluded = ledger.take(before=before or cursor)
             batch["_stream"] = dict(base, cursor=list(cursor), counts=counts, excluded=excluded,
                                     n=len(items))
+            if isinstance(self.cache, UnitCollector):  # a worker filling the main process's cache
+                batch["_stream"]["units"] = self.cache.pack()
             return batch
 
         def fail(pos, err: ShardError, original: Exception | None = None):
@@ -354,7 +357,23 @@ class ShardStream(IterableDataset):
         if buf:  # dropped by drop_last: not an error, but not silent either
             counts["ok"] -= len(buf)
             counts["skipped"]["dropped_last"] = counts["skipped"].get("dropped_last", 0) + len(buf)
-        yield {"_stream": dict(base, final=True, counts=counts, excluded=excluded, n=0)}
+        final = dict(base, final=True, counts=counts, excluded=excluded, n=0)
+        if isinstance(self.cache, UnitCollector):
+            final["units"] = self.cache.pack()
+        yield {"_stream": final}
+
+
+def _round_robin(streams: list[Iterator[dict]]) -> Iterator[dict]:
+    """Items of several streams in turn, leaving out each one as it ends: a DataLoader's order over its
+    workers' iterable streams (one item per worker per turn)."""
+    live = list(streams)
+    while live:
+        for it in list(live):
+            item = next(it, None)
+            if item is None:
+                live.remove(it)
+            else:
+                yield item
 
 
 class StreamLoader:
@@ -375,6 +394,30 @@ class StreamLoader:
         return DataLoader(self.dataset, batch_size=None, num_workers=dm.num_workers, collate_fn=_identity,
                           pin_memory=dm.pin_memory, persistent_workers=False, **kw)
 
+    def _items(self) -> Iterator[dict]:
+        """The stream's items. cache_encoded (train): while the cache is empty the workers encode and send
+        their units with each batch (kept here); once it holds units the main process reads the shards itself,
+        playing the W workers round-robin as the DataLoader does (the same batches in the same order), so
+        that the cached units are used (workers start afresh every epoch, without them)."""
+        dm, ds = self.dm, self.dataset
+        caching = self.split == "train" and dm.cache_encoded
+        if not caching or dm.num_workers == 0:
+            ds.cache = dm._encoded if caching else None
+            return iter(self._loader())
+        if len(dm._encoded) == 0:
+            ds.cache = UnitCollector()
+            return self._filling(iter(self._loader()))
+        ds.cache = dm._encoded
+        n = dm.num_workers
+        return _round_robin([ds._stream((i + ds.offset) % n, n) for i in range(n)])
+
+    def _filling(self, items: Iterator[dict]) -> Iterator[dict]:
+        for item in items:
+            units = item["_stream"].pop("units", None)
+            if units is not None:
+                unpack_into(self.dm._encoded, units)
+            yield item
+
     def __iter__(self) -> Iterator[dict]:
         dm, ds = self.dm, self.dataset
         ds.rank, ds.world = dm._rank_world()
@@ -390,7 +433,7 @@ class StreamLoader:
         seen = SkipStats().merge(dm._stats) if self.split == "train" else SkipStats()
         # DDP: the ranks take the same number of train batches (module docstring)
         even = self.split == "train" and driven and ds.world > 1
-        items = iter(self._loader())
+        items = self._items()
         while True:
             item = next(items, None)
             if item is not None and item["_stream"].get("final"):
@@ -463,7 +506,8 @@ class RewardDataModule(L.LightningDataModule):
             it). For small data read for several epochs on few cores (the demo's grounding step reads its
             6,000 pairs 2.7 times; encoding was ~40% of its step); memory is about the pixel values (4 bytes x
             1176 per patch: ~0.5 MB per demo pair), held in 64 MB slabs that go back to the system when the fit
-            ends (urt/data/cache.py). Needs num_workers=0: workers start afresh every epoch.
+            ends (urt/data/cache.py). With workers, they encode the first epoch (overlapping the training
+            step) and send the units to the main process, which reads the later epochs itself.
         bundle: a ModelBundle to attach right away (else call ``attach(bundle)`` before ``setup``).
     """
 
@@ -513,10 +557,6 @@ class RewardDataModule(L.LightningDataModule):
         self.mode, self.target, self.template_set, self.max_length = mode, target, template_set, max_length
         self.on_error, self.drop_last = on_error, bool(drop_last)
         self.group_by_length = int(group_by_length)
-        if cache_encoded and self.num_workers > 0:
-            raise UrtError(f"cache_encoded keeps the encoded samples in the process that encodes them: it needs "
-                           f"num_workers=0 (DataLoader workers start afresh every epoch), got num_workers="
-                           f"{self.num_workers}")
         self.cache_encoded = bool(cache_encoded)
         self._encoded = EncodedCache()  # cache_encoded: see ShardStream.cache
         self.load_opts = _load_opts(frames=frames, frame_sampling=frame_sampling, fps=fps, max_frames=max_frames,
@@ -585,7 +625,7 @@ class RewardDataModule(L.LightningDataModule):
                            order=self.order if train else self.val_order, tasks=self.tasks, on_error=self.on_error,
                            drop_last=train and self.drop_last, load_opts=self.load_opts,
                            group_by_length=self.group_by_length if train else 0,
-                           cache=self._encoded if train and self.cache_encoded else None)
+                           cache=None)  # set per epoch by StreamLoader (cache_encoded)
 
     def train_dataloader(self) -> StreamLoader:
         if not self.train_shards:
