@@ -147,6 +147,14 @@ def test_same_seed_same_order(shards, qwen, workers):
     assert c != a
 
 
+def test_one_worker_gives_the_main_processs_batches(shards, qwen):
+    """num_workers 0 and 1 read one stream: the same batches, epoch after epoch (a run may switch between them)."""
+    main, worker = _dm(shards, qwen, num_workers=0, order="random"), _dm(shards, qwen, num_workers=1, order="random")
+    for _ in range(2):
+        a, b = list(main.train_dataloader()), list(worker.train_dataloader())
+        assert len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b))
+
+
 def test_epochs_reshuffle(shards, qwen):
     dm = _dm(shards, qwen)
     e0 = _keys(dm.train_dataloader())
