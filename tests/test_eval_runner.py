@@ -53,7 +53,7 @@ def gen_lines(out):
     return [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines() if x.strip()]
 
 
-def test_runner_shards_resume(tmp_path, counted):
+def test_runner_shards_resume(tmp_path, counted, monkeypatch):
     q, _, img = vqa_question(0)
     samples = [
         Sample("ig-0", "image_generation", 1, [vqa_image(1), vqa_image(2)], caption="a blue circle"),
@@ -62,7 +62,8 @@ def test_runner_shards_resume(tmp_path, counted):
     ]
     write_shards(samples, tmp_path / "shards")
     out = tmp_path / "res"
-    argv = ["eval", "--model", "tiny", "--family", "qwen2_5_vl", "--shards", str(tmp_path / "shards"),
+    monkeypatch.chdir(tmp_path)  # a relative --shards path: results.json records where it pointed
+    argv = ["eval", "--model", "tiny", "--family", "qwen2_5_vl", "--shards", "shards",
             "--mode", "implicit", "--order", "both", "--max-new-tokens", "8", "--batch-size", "4",
             "--no-progress", "--out", str(out)]
     assert run_cli(argv) == 0
@@ -74,6 +75,7 @@ def test_runner_shards_resume(tmp_path, counted):
     r = json.loads((out / "results.json").read_text())
     assert r["counts"]["judgements"] == 6 and r["complete"] and r["run"]["generated_now"] == 6
     assert r["position"]["consistency"]["pairs"] == 3
+    assert r["shards"] == str(tmp_path.resolve() / "shards")
     assert "tau" in r["by_task"]["image_generation"]
     assert (out / "results.md").is_file()
     # generations.jsonl is a predictions file: re-scoring it gives the same numbers

@@ -77,7 +77,7 @@ def transitions(pipe_dir: Path, stages: list[str], mode: str = "cot") -> dict:
             continue
         shards = json.loads(res.read_text()).get("shards")
         if not shards or not Path(shards).is_dir():
-            shards = str(Path(pipe_dir) / "data" / "test")  # the demo's held-out pairs (a relative path moved)
+            shards = str(Path(pipe_dir) / "data" / "test")  # the demo's held-out pairs (the run directory moved)
         if shards not in items:
             items[shards] = load_shard_items(shards)
         outcomes[name] = judgement_outcomes(items[shards], read_generations(gen), mode=mode)

@@ -8,7 +8,7 @@ from pathlib import Path
 from urt.errors import UrtError
 from urt.eval.benchmarks import BENCHMARKS, MODES, load_items, load_shard_items, read_predictions, score
 from urt.eval.report import pct, write_results
-from urt.eval.runner import ORDERS, run_eval
+from urt.eval.runner import ORDERS, run_eval, source_info
 
 _EPILOG = """\
 examples:
@@ -69,7 +69,7 @@ def _eval_cmd(args: argparse.Namespace) -> int:
     if args.predictions is not None:
         items = _items(args)
         preds = read_predictions(args.predictions)
-        src = {"benchmark_file": args.benchmark_file} if args.benchmark else {"shards": args.shards}
+        src = source_info(args.benchmark, args.benchmark_file, args.shards)
         res = score(items, preds, benchmark=args.benchmark, mode=args.mode,
                     info={**src, "predictions": str(args.predictions)})
         write_results(res, args.out)

@@ -95,6 +95,14 @@ def _fingerprint(**kw) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
 
 
+def source_info(benchmark: str | None, benchmark_file=None, shards=None) -> dict:
+    """What results.json records as the judged items' source: the benchmark file or the shard directory, as
+    an absolute path (a relative one means nothing once read from another working directory)."""
+    if benchmark is not None:
+        return {"benchmark_file": str(Path(benchmark_file).resolve()) if benchmark_file else None}
+    return {"shards": str(Path(shards).resolve()) if shards else None}
+
+
 def _check_run_info(out: Path, info: dict, have_generations: bool) -> None:
     path = out / RUN_INFO
     if path.is_file() and have_generations:
@@ -212,7 +220,7 @@ def run_eval(out: str | Path, *, model: str | None = None, family: str | None = 
     run = {"model": str(model_name), "family": fam, "order": order, "seed": seed, "max_new_tokens": max_new_tokens,
            "limit": limit, "generated_now": n_new, "reused": len(preds) - n_new,
            "ignored_generations": len(existing) - len(preds)}
-    src = ({"benchmark_file": str(benchmark_file)} if benchmark is not None else {"shards": str(shards)})
+    src = source_info(benchmark, benchmark_file, shards)
     res = score(items, preds, benchmark=benchmark, mode=mode,
                 info={**src, "predictions": str(gen_path), "run": run})
     write_results(res, out)
