@@ -91,7 +91,8 @@ class EncodedCache:
 # With DataLoader workers, the first epoch is encoded in a worker (overlapping the training step instead of
 # preceding it) and the encoded units travel to the main process's cache with their batch; the later epochs read
 # the cache in the main process (urt.data.datamodule.StreamLoader). A batch's units travel as one flat byte
-# buffer: one shared-memory transfer per batch instead of one per tensor (~130 for a demo batch).
+# buffer: one shared-memory transfer per batch instead of one per tensor (~130 for a demo batch). Where the worker
+# has no core of its own it is slower than encoding in the main process (2 cores: README, Costs).
 
 _FIELDS = ("input_ids", "labels", "mm_token_type_ids")
 
