@@ -57,6 +57,8 @@ def capture_ids(model, store: list):
 
     def wrapped(*args, **kwargs):
         out = orig(*args, **kwargs)
+        if kwargs.get("return_dict_in_generate"):  # the shared prefill: its one token is not used
+            return out
         width = kwargs["input_ids"].shape[1]
         store.extend(out[:, width:].tolist())
         return out
@@ -94,6 +96,55 @@ def test_sampling_is_seeded(qwen, prompts):
     assert a == b and a != c
     assert [len(r) for r in a] == [2] * len(prompts)
     assert any(r[0] != r[1] for r in a)  # the two samples of a prompt differ
+
+
+def test_categorical_draw_samples_softmax():
+    """The inverse-CDF draw samples softmax(scores): frequencies match, zero-probability tokens (the
+    suppressed placeholders, first and last here) are never drawn, and the output marks one token per row."""
+    from urt.generation import CategoricalDraw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.0])
+    scores = probs.log().expand(40000, -1).clone()
+    out = CategoricalDraw()(None, scores)
+    assert (torch.isfinite(out).sum(-1) == 1).all()
+    freq = torch.bincount(out.argmax(-1), minlength=6).float() / len(out)
+    assert freq[0] == 0 and freq[-1] == 0
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)  # 4 sigma at n = 40000
+
+
+def test_low_temperature_and_top_p_sample_the_greedy_completion(qwen, prompts):
+    greedy = generate(qwen, prompts, GenerationConfig(max_new_tokens=8, batch_size=4))
+    for kw in (dict(temperature=1e-4), dict(temperature=1.0, top_p=1e-6)):
+        cfg = GenerationConfig(max_new_tokens=8, num_return_sequences=2, batch_size=4, seed=1, **kw)
+        assert generate(qwen, prompts, cfg) == [[g[0]] * 2 for g in greedy]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision"])
+def test_shared_prefill_gives_the_repeated_prompts_completions(family):
+    """Several samples per prompt encode each prompt once (its KV cache repeated): the same completions as
+    repeating the prompt in the batch, and the first forward runs one row per prompt. Qwen3.5's hybrid
+    cache (linear-attention states) is not repeated: it falls back to repeated prompts."""
+    bundle = build_tiny(family, seed=0)
+    enc = SampleEncoder(bundle.processor, family, mode="prompt")
+    ps = [enc(s) for s in four_task_samples(video_data=False)]
+    if family == "llava_onevision":
+        ps = [p for p in ps if p.task.startswith("image")]  # its video path reads 32 frames
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, num_return_sequences=3, batch_size=4, seed=5)
+    rows: list[int] = []
+    handle = bundle.model.register_forward_pre_hook(
+        lambda _m, args, kw: rows.append(int(kw["input_ids"].shape[0])) if len(rows) == 0 else None,
+        with_kwargs=True)
+    try:
+        shared = generate(bundle, ps, cfg)
+    finally:
+        handle.remove()
+    repeated = generate(bundle, ps, dataclasses.replace(cfg, shared_prefill=False))
+    assert shared == repeated
+    assert any(r[0] != r[1] for r in shared)  # really sampled
+    assert rows == [len(ps)]  # one row per prompt in the first forward (Qwen3.5: the attempt)
+    from urt.generation import _SHARED_PREFILL
+    assert _SHARED_PREFILL[type(bundle.model)] is (family != "qwen3_5")
 
 
 def test_vision_tokens_are_never_generated(qwen, prompts):

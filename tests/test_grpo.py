@@ -524,6 +524,8 @@ def test_trained_logprobs_are_the_samplers(family, monkeypatch):
     real_generate = model.generate
 
     def recording_generate(**kwargs):
+        if kwargs.get("return_dict_in_generate"):  # the shared prefill (one token, its cache)
+            return real_generate(**kwargs)
         out = real_generate(**kwargs, output_logits=True, output_scores=True, return_dict_in_generate=True)
         captured.append((out.sequences[:, kwargs["input_ids"].shape[1]:], torch.stack(out.logits, 1),
                          torch.stack(out.scores, 1)))
@@ -534,11 +536,9 @@ def test_trained_logprobs_are_the_samplers(family, monkeypatch):
                                                 batch_size=2, seed=3))
     assert len(captured) == 1
     new, logits, scores = captured[0]
-    suppressed = torch.tensor(vision_token_ids(bundle))
-    assert torch.isneginf(scores[..., suppressed]).all()
-    others = torch.ones(scores.shape[-1], dtype=torch.bool)
-    others[suppressed] = False
-    torch.testing.assert_close(scores[..., others], logits[..., others].float())  # temperature 1, no top-k/p
+    # the processed scores are the draw: 0 at the emitted token, -inf elsewhere; never a placeholder
+    assert (scores.gather(-1, new[..., None]) == 0).all() and (torch.isfinite(scores).sum(-1) == 1).all()
+    assert not set(new.flatten().tolist()) & set(vision_token_ids(bundle))
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # generate's batch order
     seqs, sampler = [], []
     for row in range(new.shape[0]):
