@@ -85,3 +85,17 @@ def test_module_import_does_not_need_trl():
     proc = _run(_IMPORT_ONLY)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_rollout_generation_benchmark_runs(capsys):
+    """benchmarks/rollout_generation.py at a toy size: the three sides run, `repeated` and `shared` agree
+    (the script asserts it) and each prints its time and speed-up."""
+    spec = importlib.util.spec_from_file_location("rollout_generation", ROOT / "benchmarks" / "rollout_generation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--prompts", "2", "-G", "3", "--max-new-tokens", "3", "--image-size", "56", "--repeats", "1",
+              "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("qwen2_5_vl: 2 prompts x 3 samples, 3 new tokens")
+    assert [ln.split()[0] for ln in lines[1:]] == ["hf", "repeated", "shared"]
+    assert all(ln.rstrip().split()[-1].startswith("x") for ln in lines[1:])
