@@ -62,7 +62,8 @@ class GenerationConfig:
     batch_size: int = 8  # prompts per generate call
     seed: int = 0
     # several samples per prompt: encode each prompt once and repeat its KV cache (GRPO groups, rejection
-    # sampling; the same completions as repeating the prompt, the prefill num_return_sequences times cheaper)
+    # sampling): the prefill num_return_sequences times cheaper, the logits those of repeated prompts up to
+    # float rounding (a draw landing within it of a CDF boundary can differ: benchmarks/rollout_generation.py)
     shared_prefill: bool = True
 
     def validate(self) -> None:
