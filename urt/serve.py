@@ -344,6 +344,8 @@ class _RecordingModel:
         import torch
 
         out = self._model.generate(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):  # urt.generation's shared prefill (a dict with the cache): no rows
+            return out
         ids = kwargs.get("input_ids", args[0] if args else None)
         width = int(ids.shape[1]) if isinstance(ids, torch.Tensor) else 0
         self.records.append(out[:, width:].tolist())
