@@ -3,12 +3,14 @@
 * `hf`: the prompts repeated G times in one left-padded batch and HF's own sampling (`do_sample=True`,
   torch.multinomial each step): what urt did before the shared prefill;
 * `repeated`: urt.generation.generate with `shared_prefill=False` (prompts repeated, inverse-CDF draw);
-* `shared`: urt.generation.generate as GRPO and rejection sampling call it (each prompt encoded once, its
-  KV cache repeated G times, inverse-CDF draw).
+* `shared`: each prompt encoded once, its KV cache repeated G times (HF's DynamicCache, concatenated at
+  every step), inverse-CDF draw;
+* `preallocated`: urt.generation.generate as GRPO and rejection sampling call it: `shared` with the KV
+  cache in buffers sized once for the batch's final length (urt.generation.PreallocatedLayer).
 
 All three sample from the same distribution; `repeated` and `shared` compute the same logits up to float
 rounding and so give the same completions but where a draw lands within that rounding of a CDF boundary
-(counted here). Model: the family's tiny model (urt.models.tiny: real transformers classes, random weights, urt's
+(counted here); `shared` and `preallocated` do the same arithmetic (asserted). Model: the family's tiny model (urt.models.tiny: real transformers classes, random weights, urt's
 2k-token tokenizer), image-generation prompts under the paper template with two synthetic images of
 `--image-size` px; the random model rarely stops, so every completion runs to `--max-new-tokens`.
 Prints seconds per rollout batch (median of `--repeats`) and each side's speed-up over `hf`.
@@ -30,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing urt
 
-SIDES = ("hf", "repeated", "shared")
+SIDES = ("hf", "repeated", "shared", "preallocated")
 
 
 def image(seed: int, size: int):
@@ -93,15 +95,20 @@ def main(argv=None) -> None:
                            batch_size=args.prompts, seed=0)
     runs = {
         "hf": lambda: hf_sampling(bundle, prompts, args.generations, args.max_new_tokens, 0),
-        "repeated": lambda: generate(bundle, prompts, GenerationConfig(**{**cfg.__dict__, "shared_prefill": False})),
-        "shared": lambda: generate(bundle, prompts, cfg),
+        "repeated": lambda: generate(bundle, prompts, GenerationConfig(**{**cfg.__dict__, "shared_prefill": False,
+                                                                          "preallocate": False})),
+        "shared": lambda: generate(bundle, prompts, GenerationConfig(**{**cfg.__dict__, "preallocate": False})),
+        "preallocated": lambda: generate(bundle, prompts, cfg),
     }
     # The two urt sides compute the same logits up to float rounding (~5e-7 on this model: a batch of 4 prompts
     # vs 32 rows), so a draw landing that close to a CDF boundary can split a long completion; count them.
-    pairs = [(a, b) for ra, rb in zip(runs["repeated"](), runs["shared"]()) for a, b in zip(ra, rb)]
+    shared = runs["shared"]()
+    pairs = [(a, b) for ra, rb in zip(runs["repeated"](), shared) for a, b in zip(ra, rb)]
     same = sum(a == b for a, b in pairs)
     if same < 0.9 * len(pairs):
         raise SystemExit(f"shared prefill changed {len(pairs) - same} of {len(pairs)} completions: more than rounding")
+    if runs["preallocated"]() != shared:
+        raise SystemExit("the preallocated KV cache changed completions: it must only move where keys/values live")
     times: dict[str, list[float]] = {s: [] for s in SIDES}
     for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every side alike
         for side in SIDES:
@@ -113,8 +120,8 @@ def main(argv=None) -> None:
           f"{len(prompts[0])}-token prompts, {args.threads} thread(s)")
     for side in SIDES:
         m = statistics.median(times[side])
-        print(f"  {side:9s} {m:7.3f} s per rollout batch   x{base / m:.2f}")
-    print(f"  repeated and shared: {same} of {len(pairs)} completions identical")
+        print(f"  {side:12s} {m:7.3f} s per rollout batch   x{base / m:.2f}")
+    print(f"  repeated and shared: {same} of {len(pairs)} completions identical; shared and preallocated: all")
 
 
 if __name__ == "__main__":

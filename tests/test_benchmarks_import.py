@@ -89,8 +89,9 @@ def test_module_import_does_not_need_trl():
 
 
 def test_rollout_generation_benchmark_runs(capsys):
-    """benchmarks/rollout_generation.py at a toy size: the three sides run, `repeated` and `shared` agree
-    (the script asserts it) and each prints its time and speed-up."""
+    """benchmarks/rollout_generation.py at a toy size: the four sides run, `repeated` and `shared` agree,
+    `shared` and `preallocated` give the same completions (the script asserts both) and each prints its time
+    and speed-up."""
     spec = importlib.util.spec_from_file_location("rollout_generation", ROOT / "benchmarks" / "rollout_generation.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -98,6 +99,6 @@ def test_rollout_generation_benchmark_runs(capsys):
               "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("qwen2_5_vl: 2 prompts x 3 samples, 3 new tokens")
-    assert [ln.split()[0] for ln in lines[1:4]] == ["hf", "repeated", "shared"]
-    assert all(ln.rstrip().split()[-1].startswith("x") for ln in lines[1:4])
-    assert lines[4].strip() == "repeated and shared: 6 of 6 completions identical"
+    assert [ln.split()[0] for ln in lines[1:5]] == ["hf", "repeated", "shared", "preallocated"]
+    assert all(ln.rstrip().split()[-1].startswith("x") for ln in lines[1:5])
+    assert lines[5].strip() == "repeated and shared: 6 of 6 completions identical; shared and preallocated: all"

@@ -147,6 +147,64 @@ def test_shared_prefill_gives_the_repeated_prompts_completions(family):
     assert _SHARED_PREFILL[type(bundle.model)] is (family != "qwen3_5")
 
 
+def test_preallocated_layer_holds_what_dynamic_layer_holds():
+    """PreallocatedLayer against HF's DynamicLayer through the operations generate and its callers use:
+    a prefill, decode steps, a crop, a batch selection (beam-style), the shared prefill's repeat, and a
+    capacity overflow; the keys/values returned and stored are equal at every step, and decode steps
+    write into the buffer instead of reallocating it."""
+    from transformers.cache_utils import DynamicLayer
+
+    from urt.generation import PreallocatedLayer
+
+    torch.manual_seed(0)
+    ours, ref = PreallocatedLayer(capacity=9), DynamicLayer()
+
+    def step(n: int, batch: int) -> None:
+        k, v = torch.randn(batch, 2, n, 4), torch.randn(batch, 2, n, 4)
+        got, want = ours.update(k, v), ref.update(k.clone(), v.clone())
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+        assert ours.get_seq_length() == ref.get_seq_length()
+
+    step(5, 2)  # prefill
+    buf = ours._kbuf
+    step(1, 2)
+    step(1, 2)
+    assert ours._kbuf is buf and ours.keys.data_ptr() == buf.data_ptr()  # written in place
+    ours.crop(-2), ref.crop(-2)
+    step(1, 2)
+    ours.batch_select_indices(torch.tensor([1])), ref.batch_select_indices(torch.tensor([1]))
+    step(1, 1)
+    ours.batch_repeat_interleave(3), ref.batch_repeat_interleave(3)
+    assert torch.equal(ours.keys, ref.keys)
+    for _ in range(6):  # past the capacity of 9: the buffer grows
+        step(1, 3)
+    assert ours.get_seq_length() == 13 and ours._kbuf.shape[-2] >= 13
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision"])
+def test_preallocated_cache_gives_the_same_completions(family):
+    """The preallocated KV cache only moves where keys and values live: greedy and sampled (shared prefill)
+    completions equal those with HF's own cache; Qwen3.5's hybrid cache is left to HF."""
+    from urt.generation import PreallocatedLayer, preallocated_cache
+
+    bundle = build_tiny(family, seed=0)
+    enc = SampleEncoder(bundle.processor, family, mode="prompt")
+    ps = [enc(s) for s in four_task_samples(video_data=False)]
+    if family == "llava_onevision":
+        ps = [p for p in ps if p.task.startswith("image")]  # its video path reads 32 frames
+    cache = preallocated_cache(bundle.model, 64)
+    if family == "qwen3_5":
+        assert cache is None
+    else:
+        assert cache is not None and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    for cfg in (GenerationConfig(max_new_tokens=12, batch_size=3),
+                GenerationConfig(max_new_tokens=12, temperature=1.0, num_return_sequences=3, batch_size=4, seed=2)):
+        fast = generate(bundle, ps, cfg)
+        assert fast == generate(bundle, ps, dataclasses.replace(cfg, preallocate=False))
+
+
 def test_vision_tokens_are_never_generated(qwen, prompts):
     tok = qwen.tokenizer
     ids = {tok.convert_tokens_to_ids(t) for t in VISION}

@@ -8,6 +8,9 @@ returns, per prompt and in input order, `cfg.num_return_sequences` completions:
   left-padded (`PaddedCollator(padding_side="left")`) and run through `model.generate` with the KV
   cache; with several return sequences each prompt is encoded once and its KV cache repeated
   (`shared_prefill`; hybrid linear-attention caches repeat the prompt in the batch instead);
+* the KV cache of plain attention layers is preallocated to the batch's final length
+  (`PreallocatedLayer`): HF's DynamicLayer concatenates the whole cache at every step, which on a CPU
+  was half of the decode time for 500-token judge prompts;
 * sampling (temperature, top-p, an inverse-CDF draw) runs as logits processors, HF's step is greedy;
 * generation stops at `<|im_end|>` and the tokenizer's eos;
 * every vision placeholder / special vision token (`<|image_pad|>`, `<|video_pad|>`,
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from urt.errors import UrtError
 
@@ -65,6 +69,9 @@ class GenerationConfig:
     # sampling): the prefill num_return_sequences times cheaper, the logits those of repeated prompts up to
     # float rounding (a draw landing within it of a CDF boundary can differ: benchmarks/rollout_generation.py)
     shared_prefill: bool = True
+    # KV cache in buffers sized for the batch's final length (PreallocatedLayer) instead of HF's
+    # concatenation per step: the same numbers, decode ~2x faster on CPU for judge-length prompts
+    preallocate: bool = True
 
     def validate(self) -> None:
         if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) < 1:
@@ -194,6 +201,84 @@ class CategoricalDraw:
         return out.scatter_(1, drawn, 0.0)
 
 
+# ------------------------------------------------------------------------------------------ KV cache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into buffers allocated once for `capacity`
+    positions, so a decode step writes one position instead of copying the whole cache (DynamicLayer's
+    torch.cat). Everything else is DynamicLayer's: where crop / batch_repeat_interleave /
+    batch_select_indices replace `keys` by other tensors, the next update moves them into a new buffer."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = int(capacity)
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def _owns(self, length: int) -> bool:
+        buf = self._kbuf
+        return (buf is not None and length > 0 and self.keys.data_ptr() == buf.data_ptr()
+                and self.values.data_ptr() == self._vbuf.data_ptr()
+                and self.keys.shape[0] == buf.shape[0] and self.keys.stride() == buf.stride())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self.get_seq_length()
+        new = old + key_states.shape[-2]
+        if not self._owns(old) or new > self._kbuf.shape[-2]:
+            size = max(new, self.capacity, 2 * old)
+            kbuf = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
+            vbuf = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
+            if old:
+                kbuf[..., :old, :].copy_(self.keys)
+                vbuf[..., :old, :].copy_(self.values)
+            self._kbuf, self._vbuf = kbuf, vbuf
+        self._kbuf[..., old:new, :].copy_(key_states)
+        self._vbuf[..., old:new, :].copy_(value_states)
+        self.keys = self._kbuf[..., :new, :]
+        self.values = self._vbuf[..., :new, :]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """The shared prefill's repeat, written straight into buffers of the full capacity."""
+        length = self.get_seq_length()
+        if length == 0:
+            return
+        size = max(self.capacity, length)
+        bufs = []
+        for states in (self.keys, self.values):
+            buf = states.new_empty((states.shape[0] * repeats, *states.shape[1:-2], size, states.shape[-1]))
+            buf[..., :length, :].copy_(states.repeat_interleave(repeats, dim=0))
+            bufs.append(buf)
+        self._kbuf, self._vbuf = bufs
+        self.keys = self._kbuf[..., :length, :]
+        self.values = self._vbuf[..., :length, :]
+
+
+def preallocated_cache(model, capacity: int):
+    """A DynamicCache of PreallocatedLayers for `model`, or None where its config asks for other layer
+    kinds (sliding windows, Qwen3.5's linear attention): HF then builds the cache it needs."""
+    from transformers.cache_utils import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def _cache_kwarg() -> str:
+    """The name generate takes a cache under: `cache` from transformers 5.2x, `past_key_values` before."""
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    return ALL_CACHE_NAMES[0]
+
+
 # ------------------------------------------------------------------------------------------ generate
 
 
@@ -226,7 +311,7 @@ _TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type
 _SHARED_PREFILL: dict[type, bool] = {}  # model class -> its cache can be repeated (learnt on first use)
 
 
-def _generate_shared_prefill(model, inputs: dict, copies: int, gen_kwargs: dict):
+def _generate_shared_prefill(model, inputs: dict, copies: int, gen_kwargs: dict, preallocate: bool = True):
     """`model.generate` with `copies` samples per row, each prompt encoded once: all but the last prompt
     token run through the model (vision tower included), the KV cache is repeated `copies` times, and
     generate continues every copy from the last prompt token. Returns the sequences as
@@ -237,14 +322,14 @@ def _generate_shared_prefill(model, inputs: dict, copies: int, gen_kwargs: dict)
     # The prefill is HF's own (a one-token greedy generate), so positions under left padding and Qwen's
     # mRoPE offsets are exactly those of the repeated prompts; the token it picks is not used.
     quiet = {k: v for k, v in gen_kwargs.items() if k not in ("logits_processor", "max_new_tokens")}
-    pre = model.generate(**head, **quiet, max_new_tokens=1, return_dict_in_generate=True)
-    name = "cache" if pre.get("cache") is not None else "past_key_values"
-    cache = pre.get(name)
+    name = _cache_kwarg()
+    mine = preallocated_cache(model, ids.shape[1] + int(gen_kwargs["max_new_tokens"])) if preallocate else None
+    pre = model.generate(**head, **quiet, **({name: mine} if mine is not None else {}), max_new_tokens=1,
+                         return_dict_in_generate=True)
+    cache = pre.get("cache") if pre.get("cache") is not None else pre.get("past_key_values")
     inner = getattr(model, "model", None)
     layers = getattr(cache, "layers", None)
-    from transformers.cache_utils import DynamicLayer
-
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not layers or any(type(layer) not in (DynamicLayer, PreallocatedLayer) for layer in layers):
         _SHARED_PREFILL[type(model)] = False
         return None
     _SHARED_PREFILL[type(model)] = True
@@ -346,12 +431,13 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 inputs = _to_device(model_inputs(batch), device, dtype)
                 width = int(inputs["input_ids"].shape[1])
                 try:
-                    out = _generate_shared_prefill(model, inputs, copies, gen_kwargs) if shared else None
+                    out = _generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate) if shared else None
                     if out is None:
                         if shared:  # this model's cache cannot be repeated: repeat the prompts instead
                             inputs = _to_device(model_inputs(collate([p for p in rows for _ in range(copies)])),
                                                 device, dtype)
-                        out = model.generate(**inputs, **gen_kwargs)
+                        cache = preallocated_cache(model, width + int(cfg.max_new_tokens)) if cfg.preallocate else None
+                        out = model.generate(**inputs, **gen_kwargs, **({} if cache is None else {_cache_kwarg(): cache}))
                 except UrtError:
                     raise
                 except (ValueError, RuntimeError) as err:
