@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 
 from grpo_fixtures import grpo_cfg, write_grpo_prompts
 import test_visual_cache
-from test_visual_cache import assert_same, bundle, grads, rollout
+from test_visual_cache import FEEDS_ENCODER_OUTPUTS, assert_same, bundle, grads, rollout
 from urt.data.collate import PackedCollator, PaddedCollator, make_collator
 from urt.rl.shared_prompt import SharedPromptLogprobs, make_logprob_collator, shared_prompt_blocker
 from urt.rl.visual_cache import VisualCache
@@ -54,20 +54,34 @@ def test_shared_prompt_logprobs_and_grads_equal_padded(family):
     with torch.no_grad():
         want, want_ent = sequence_logprobs(model, padded, seqs, entropy=True)
         got, got_ent = sequence_logprobs(model, shared, seqs, entropy=True)
-        cache = VisualCache(model, family, seqs)
-        cached, _ = sequence_logprobs(model, shared, seqs, visual_cache=cache)
-    assert calls == [1, 1] and cache.lookups > 0
+        # transformers without mm_encoder_outputs (5.17): no visual cache, the shared path alone
+        cache = VisualCache(model, family, seqs) if FEEDS_ENCODER_OUTPUTS else None
+        cached = sequence_logprobs(model, shared, seqs, visual_cache=cache)[0] if cache else None
+    assert calls == ([1, 1] if cache else [1])
     assert [len(x) for x in got] == [len(s) - s.prompt_length for s in seqs]
     assert_same(got, want)
     assert_same(got_ent, want_ent)
-    assert_same(cached, want)
     g_pad, g_shared = grads(model, padded, seqs), grads(model, shared, seqs)
     assert g_pad.keys() == g_shared.keys() and g_pad
     for name in g_pad:
         torch.testing.assert_close(g_shared[name], g_pad[name], atol=1e-4, rtol=1e-4)
-    g_cached = grads(model, shared, seqs, cache)
-    for name in g_pad:
-        torch.testing.assert_close(g_cached[name], g_pad[name], atol=1e-4, rtol=1e-4)
+    if cache is not None:
+        assert cache.lookups > 0
+        assert_same(cached, want)
+        g_cached = grads(model, shared, seqs, cache)
+        for name in g_pad:
+            torch.testing.assert_close(g_cached[name], g_pad[name], atol=1e-4, rtol=1e-4)
+
+
+def test_old_transformers_is_refused_with_its_reason():
+    """Where transformers cannot be fed cached visual features (5.17), cache_blocker names the missing
+    argument (GRPO then runs the vision tower in every pass)."""
+    from urt.rl.visual_cache import cache_blocker
+
+    if FEEDS_ENCODER_OUTPUTS:
+        pytest.skip("this transformers takes mm_encoder_outputs")
+    reason = cache_blocker(bundle("qwen2_5_vl").model, "qwen2_5_vl")
+    assert reason is not None and "mm_encoder_outputs" in reason
 
 
 def test_shared_prompt_is_checked_against_a_wrong_position():
@@ -125,6 +139,36 @@ def test_gradient_checkpointing_pass_falls_back_to_padded():
         nograd, _ = sequence_logprobs(model, shared, seqs)
     withgrad, _ = sequence_logprobs(model, shared, seqs)
     assert_same([x.detach() for x in withgrad], nograd)
+
+
+def test_cache_dropped_without_gradients_falls_back_to_padded(monkeypatch, caplog):
+    """transformers 5.17 drops the KV cache of a checkpointed model in training mode even without
+    gradients: the prompt pass comes back without one, that pass runs padded (same values, reason
+    logged) and later passes of the model in that state go padded at once."""
+    from urt.rl import visual_cache
+    from urt.rl.visual_cache import hf_model
+
+    b = bundle("qwen2_5_vl", gradient_checkpointing=True)
+    model = b.model.train()
+    seqs = mixed_rollout(b)[:6]
+    with torch.no_grad():
+        want, _ = sequence_logprobs(model, make_collator("padded", b), seqs)
+    lm = hf_model(model).model.language_model
+    forward = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda *a, **k: forward(*a, **{**k, "use_cache": False}))  # as 5.17 does
+    monkeypatch.setattr(visual_cache, "_WARNED", set(), raising=False)
+    shared = SharedPromptLogprobs(b)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        got, _ = sequence_logprobs(model, shared, seqs)
+        assert "returned no KV cache" in caplog.text
+        assert shared.pass_blocker(model, seqs) == ("gradient checkpointing drops the KV cache in training mode "
+                                                    "(this transformers version)")
+        again, _ = sequence_logprobs(model, shared, seqs)
+    assert_same(got, want)
+    assert_same(again, want)
+    model.eval()  # out of training mode the cache is kept: shared prompts again
+    with torch.no_grad():
+        assert shared.pass_blocker(model, seqs) is None
 
 
 # ------------------------------------------------------------------------------------------ a GRPO run

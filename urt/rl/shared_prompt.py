@@ -39,8 +39,10 @@ below blocks it. `shared_prompt_blocker(bundle)` (checked once, at module constr
 
 Per pass (`pass_blocker`), the padded path runs instead (the reason logged once) when the model uses
 gradient checkpointing and the pass needs gradients (transformers then drops the cache in every
-checkpointed layer), or when a sequence is not laid out as `urt.stages.grpo.completion_sequence` lays
-it out (labels exactly the tokens after `prompt_length`, a prompt of >= 2 tokens ending in a text token).
+checkpointed layer; transformers 5.17 drops it in training mode even without gradients: learnt from the
+first such pass, `PromptCacheDropped`, which then runs padded too), or when a sequence is not laid out as
+`urt.stages.grpo.completion_sequence` lays it out (labels exactly the tokens after `prompt_length`, a prompt
+of >= 2 tokens ending in a text token).
 
 **What it saves** (`benchmarks/grpo_vs_trl.py`, README "Performance"): the tokens through the model per
 pass go from P·G·(prompt + completion) to P·prompt + P·G·completion; with the paper template's ~500-token
@@ -119,6 +121,12 @@ def _gradient_checkpointing(model) -> bool:
     return False
 
 
+class PromptCacheDropped(UrtError):
+    """The prompt pass came back without a KV cache because gradient checkpointing is on (transformers 5.17
+    drops the cache of a checkpointed model in training mode even without gradients): the caller runs
+    this pass, and every later one of the model in that state, on padded batches."""
+
+
 class SharedPromptLogprobs:
     """Computes GRPO log-probs with each distinct prompt of a micro-batch run once (see the module
     docstring). Used through `urt.stages.grpo.sequence_logprobs`, which calls `pass_blocker` and then
@@ -133,6 +141,7 @@ class SharedPromptLogprobs:
         self.rope = RopeIndex(bundle.family, bundle.model.config) if bundle.family in QWEN_FAMILIES else None
         self.collate_prompts = PaddedCollator(self.pad_token_id, padding_side="right")
         self.fallback = PaddedCollator(self.pad_token_id, padding_side="right")
+        self.checkpointing_drops_cache = False  # learnt when a no-grad pass of a checkpointed model got none
 
     def __call__(self, batch: list[Encoded]) -> dict:
         """A padded batch of `batch` (this object stands in for a collator where one is expected)."""
@@ -142,8 +151,11 @@ class SharedPromptLogprobs:
     def pass_blocker(self, model, seqs: Sequence[Encoded]) -> str | None:
         """Why this pass cannot share prompts (None: it can): gradient checkpointing with gradients, or a
         sequence not laid out prompt + completion."""
-        if torch.is_grad_enabled() and model.training and _gradient_checkpointing(model):
-            return "gradient checkpointing drops the KV cache in passes with gradients"
+        if model.training and _gradient_checkpointing(model):
+            if torch.is_grad_enabled():
+                return "gradient checkpointing drops the KV cache in passes with gradients"
+            if self.checkpointing_drops_cache:
+                return "gradient checkpointing drops the KV cache in training mode (this transformers version)"
         for s in seqs:
             n = s.prompt_length
             if n < 2 or n > len(s):
@@ -222,6 +234,10 @@ class SharedPromptLogprobs:
         if cache is None:
             cache = getattr(out, "past_key_values", None)
         if cache is None:
+            if model.training and _gradient_checkpointing(model):
+                self.checkpointing_drops_cache = True
+                raise PromptCacheDropped(f"the {self.family} model in training mode with gradient checkpointing "
+                                         f"returned no KV cache from the prompt pass")
             raise UrtError(f"the {self.family} model returned no KV cache from the prompt pass")
         del out
         # 2. one cache row per sequence (its prompt's): an index, so gradients sum back into the prompt pass

@@ -176,14 +176,17 @@ def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy:
     `visual_cache` (a `urt.rl.visual_cache.VisualCache` of this step's prompts): the model is fed the
     cached visual features instead of running its vision tower on every sequence's pixels (the normal path,
     with the reason logged, when the cache cannot feed this model)."""
-    from urt.rl.shared_prompt import SharedPromptLogprobs
+    from urt.rl.shared_prompt import PromptCacheDropped, SharedPromptLogprobs
     from urt.rl.visual_cache import _warn_once
 
     if isinstance(collate, SharedPromptLogprobs):
         reason = collate.pass_blocker(model, seqs)
         if reason is None:
-            logits, targets = collate.forward(model, seqs, visual_cache=visual_cache)
-            return _token_logprobs(logits, targets, seqs, entropy)
+            try:
+                logits, targets = collate.forward(model, seqs, visual_cache=visual_cache)
+                return _token_logprobs(logits, targets, seqs, entropy)
+            except PromptCacheDropped as e:
+                reason = str(e)
         _warn_once(f"GRPO log-probs: a pass runs on padded batches instead of shared prompts: {reason}")
         collate = collate.fallback
     batch = collate(seqs)
