@@ -431,13 +431,15 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 inputs = _to_device(model_inputs(batch), device, dtype)
                 width = int(inputs["input_ids"].shape[1])
                 try:
-                    out = _generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate) if shared else None
+                    out = (_generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate)
+                           if shared else None)
                     if out is None:
                         if shared:  # this model's cache cannot be repeated: repeat the prompts instead
                             inputs = _to_device(model_inputs(collate([p for p in rows for _ in range(copies)])),
                                                 device, dtype)
                         cache = preallocated_cache(model, width + int(cfg.max_new_tokens)) if cfg.preallocate else None
-                        out = model.generate(**inputs, **gen_kwargs, **({} if cache is None else {_cache_kwarg(): cache}))
+                        extra = {} if cache is None else {_cache_kwarg(): cache}
+                        out = model.generate(**inputs, **gen_kwargs, **extra)
                 except UrtError:
                     raise
                 except (ValueError, RuntimeError) as err:
