@@ -41,11 +41,9 @@ def _feeds_encoder_outputs() -> bool:
 
 
 FEEDS_ENCODER_OUTPUTS = _feeds_encoder_outputs()
-needs_encoder_outputs = pytest.mark.skipif(
-    not FEEDS_ENCODER_OUTPUTS, reason="this transformers has no mm_encoder_outputs: urt runs without a visual cache")
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"),  # tiny models: one thread beats two on 2 cores
-              needs_encoder_outputs]
-
+              pytest.mark.skipif(not FEEDS_ENCODER_OUTPUTS, reason="this transformers has no mm_encoder_outputs: "
+                                 "urt runs without a visual cache")]
 
 
 def bundle(family, **kw):
