@@ -287,3 +287,38 @@ def test_llava_onevision_batched_equals_single():
     with logit_bias(bundle.model, {i: 60.0 for i in ids}), capture_ids(bundle.model, seen):
         generate(bundle, ps, cfg)
     assert seen and not ids & {t for row in seen for t in row}
+
+
+def test_completions_carry_the_sampled_ids():
+    """Each completion is its text plus the ids that were sampled: the ids decode to the text (prefix aside),
+    end with a stop token exactly when finish_reason is "stop", and survive pickling (DataLoader workers)."""
+    import pickle
+
+    from urt.data.encode import SampleEncoder
+    from urt.generation import Completion, GenerationConfig, generate, stop_token_ids
+    from urt.models import load_model
+    from data_fixtures import four_task_samples
+
+    torch.manual_seed(0)
+    bundle = load_model("tiny", family="qwen2_5_vl")
+    enc = SampleEncoder(bundle.processor, "qwen2_5_vl", mode="prompt", max_length=8192)
+    prompts = [enc(s) for s in four_task_samples(video_data=False)[:2]]
+    stops = set(stop_token_ids(bundle))
+    outs = generate(bundle, prompts, GenerationConfig(max_new_tokens=6, temperature=1.0, num_return_sequences=3,
+                                                      seed=1))
+    seen = set()
+    for p, group in zip(prompts, outs):
+        prefix = p.meta.get("assistant_prefix", "") or ""
+        for c in group:
+            assert isinstance(c, Completion) and isinstance(c, str) and 1 <= len(c.ids) <= 6
+            seen.add(c.finish_reason)
+            if c.finish_reason == "stop":
+                assert c.ids[-1] in stops and not stops & set(c.ids[:-1])
+                body = c.ids[:-1]
+            else:
+                assert c.finish_reason == "length" and len(c.ids) == 6 and not stops & set(c.ids)
+                body = c.ids
+            assert str(c) == prefix + bundle.tokenizer.decode(list(body), skip_special_tokens=True)
+            back = pickle.loads(pickle.dumps(c))
+            assert (str(back), back.ids, back.finish_reason) == (str(c), c.ids, c.finish_reason)
+    assert "length" in seen  # 6 tokens from a random model: most run to the limit

@@ -22,7 +22,11 @@ returns, per prompt and in input order, `cfg.num_return_sequences` completions:
 * sampling is seeded (`cfg.seed`, RNG state restored afterwards): same seed, same completions;
 * text is decoded with special tokens skipped and the prompt's assistant prefix
   (`Encoded.meta["assistant_prefix"]`, e.g. Qwen3.5's `<think>\\n`) prepended, so it is exactly what
-  the parser and the rewards must see.
+  the parser and the rewards must see;
+* each completion is a `Completion`: that text, carrying the token ids that were sampled (`ids`, up to and
+  including the stop token) and why it ended (`finish_reason`). Training uses the ids, never a
+  re-tokenisation of the text: a sampled non-canonical BPE split ("a" + "b" where the tokenizer has "ab")
+  stays the path whose log-probs GRPO computes.
 """
 
 from __future__ import annotations
@@ -55,6 +59,39 @@ _VISION_ID_ATTRS = (
     "image_token_index",
     "video_token_index",
 )
+
+
+class Completion(str):
+    """A generated completion: its text (a `str`: what the parser and rewards read), plus `ids`, the
+    sampled token ids (assistant prefix excluded; the stop token included when one was sampled) and
+    `finish_reason` ("stop": a stop token ended it; "length": it used up max_new_tokens)."""
+
+    ids: tuple[int, ...]
+    finish_reason: str
+
+    def __new__(cls, text: str, ids: Sequence[int] = (), finish_reason: str = "stop"):
+        obj = super().__new__(cls, text)
+        obj.ids = tuple(int(i) for i in ids)
+        obj.finish_reason = finish_reason
+        return obj
+
+    def __reduce__(self):  # pickles (DataLoader workers, multiprocessing) with its ids
+        return (Completion, (str(self), self.ids, self.finish_reason))
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+def completion_of(seq: Sequence[int], stops: Sequence[int], tokenizer, prefix: str = "") -> Completion:
+    """The `Completion` of one generated row (the new tokens, right-padded after a stop): cut after the
+    first stop token, text decoded with special tokens skipped, `prefix` prepended to the text."""
+    seq = [int(t) for t in seq]
+    cut = next((j for j, t in enumerate(seq) if t in stops), None)
+    ids = seq if cut is None else seq[:cut + 1]
+    body = seq if cut is None else seq[:cut]
+    return Completion(prefix + tokenizer.decode(body, skip_special_tokens=True), ids,
+                      "length" if cut is None else "stop")
 
 
 @dataclass
@@ -353,9 +390,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
-             desc: str = "generating") -> list[list[str]]:
+             desc: str = "generating") -> list[list[Completion]]:
     """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
-    `cfg.num_return_sequences` strings per prompt, each starting with the prompt's assistant prefix."""
+    `cfg.num_return_sequences` `Completion`s per prompt (text starting with the prompt's assistant prefix,
+    with the sampled ids)."""
     from transformers import LogitsProcessorList
 
     from urt.data.collate import make_collator, model_inputs
@@ -415,7 +453,7 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
 
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     bs = int(cfg.batch_size)
-    results: list[list[str] | None] = [None] * len(prompts)
+    results: list[list[Completion] | None] = [None] * len(prompts)
     bar = _progress(len(prompts), desc, progress)
     was_training = model.training
     model.eval()
@@ -446,16 +484,10 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                     raise UrtError(f"generation failed for prompts {[prompts[i].key for i in idx]}: "
                                    f"{type(err).__name__}: {err}") from err
                 new = out[:, width:].tolist()
-                texts = []
-                for seq in new:
-                    cut = next((j for j, t in enumerate(seq) if t in stops), len(seq))
-                    texts.append(tok.decode(seq[:cut], skip_special_tokens=True))
                 for k, i in enumerate(idx):
                     prefix = prompts[i].meta.get("assistant_prefix", "") or ""
-                    mine = texts[k * copies:(k + 1) * copies]
-                    if greedy:
-                        mine = mine * n
-                    results[i] = [prefix + t for t in mine]
+                    mine = [completion_of(seq, stops, tok, prefix) for seq in new[k * copies:(k + 1) * copies]]
+                    results[i] = mine * n if greedy else mine
                 if bar is not None:
                     bar[0].advance(bar[1], len(idx))
     finally:
