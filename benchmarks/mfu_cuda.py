@@ -426,7 +426,7 @@ class Builder:
                          mm_token_type_ids=mm, prompt_length=self.prompt_len)
 
     def completion(self, prompt, n: int, index: int):
-        """prompt + n completion tokens ending in EOS, labelled as `urt.stages.grpo.completion_sequence`."""
+        """prompt + n completion tokens ending in EOS, labelled as `urt.rl.logprobs.completion_sequence`."""
         comp = torch.cat([self._random_tokens(n - 1), torch.tensor([self.im_end])])
         L = len(prompt)
         return U.Encoded(key=f"{prompt.key}#{index}", task=prompt.task, label=prompt.label,
@@ -478,7 +478,7 @@ def grpo_batch(b: Builder, seq_len: int, batch_tokens: int, group: int, rng: ran
 # ------------------------------------------------------------------------------------------- forward
 
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: positions whose next label is supervised (as `urt.stages.sft.supervised_mask`)."""
+    """(B, L) bool: positions whose next label is supervised (as `urt.data.encode.supervised_mask`)."""
     nxt = labels[:, 1:] != U.IGNORE_INDEX
     return torch.cat([nxt, torch.zeros_like(nxt[:, :1])], dim=1)
 
@@ -563,7 +563,7 @@ def _per_seq_logp(model, p: Prepared, ctx) -> list:
     with ctx:
         logits = selected_logits(model, p.inputs, p.keep)
     logp = logits.float().log_softmax(-1).gather(-1, p.targets[:, None]).squeeze(-1)
-    return list(logp.split(p.label_counts))  # as urt.stages.grpo.sequence_logprobs
+    return list(logp.split(p.label_counts))  # as urt.rl.logprobs.sequence_logprobs
 
 
 def pad_rows(rows, value=0.0) -> torch.Tensor:

@@ -124,7 +124,7 @@ def image(seed: int, size: int):
 def rollout(bundle, n_prompts: int, G: int, image_size: int, completion: int, seed: int = 0):
     from urt.data.encode import SampleEncoder
     from urt.data.schema import Sample
-    from urt.stages.grpo import completion_sequence
+    from urt.rl.logprobs import completion_sequence
 
     enc = SampleEncoder(bundle.processor, bundle.family, mode="prompt")
     prompts = [enc(Sample(f"p{j}", "image_generation", 1, [image(2 * j, image_size), image(2 * j + 1, image_size)],
@@ -164,7 +164,7 @@ class TowerClock:
 
 def step(policy, ref, collate, seqs, micro: int, cache=None):
     """The GRPO step's scoring work: reference log-probs, then policy forward + backward."""
-    from urt.stages.grpo import sequence_logprobs
+    from urt.rl.logprobs import sequence_logprobs
 
     ref_lp = []
     with torch.no_grad():

@@ -194,7 +194,7 @@ def test_grpo_shared_prompt_logprobs_under_varlen(kernel):
     from test_shared_prompt import mixed_rollout
     from test_visual_cache import bundle as vc_bundle
     from urt.rl.shared_prompt import SharedPromptLogprobs, make_logprob_collator
-    from urt.stages.grpo import sequence_logprobs
+    from urt.rl.logprobs import sequence_logprobs
 
     sdpa, varlen = vc_bundle("qwen2_5_vl"), vc_bundle("qwen2_5_vl", attn_implementation=VARLEN)
     assert varlen.model.config._attn_implementation == VARLEN

@@ -135,7 +135,7 @@ def _grpo_cfg(root: Path, shards: str, name: str, *overrides):
     base = ["stage=grpo", "logger=csv", "model=tiny_qwen2_5_vl", f"paths.root={root}", f"stage.run_name={name}",
             f"data.train_shards={shards}", "data.val_shards=null", "data.num_workers=0", "data.max_length=4096",
             "data.min_pixels=null", "data.max_pixels=12544", "data.shuffle=false", "data.on_error=raise",
-            "data.order=keep", "stage.num_generations=3", "stage.max_new_tokens=16", "stage.beta=0",
+            "data.order=keep", "stage.num_generations=3", "stage.max_new_tokens=16", "stage.loss.beta=0",
             "stage.filter_zero_variance=true", "stage.checkpoint.every_n_steps=1", "optimizer.lr=1e-3",
             "scheduler=constant"]
     return compose_config(base + list(overrides))
@@ -163,7 +163,7 @@ GRPO_CASES = {  # plan (completions per prompt key), overrides, kept sequences p
                            ["stage.micro_batch_size=4"], {0: 3, 1: 5}),
     # rank 0 keeps nothing; rank 1 keeps 5 in 2 mini-batches of 3 + 2 micro-batches of 2: token aggregation
     "rank_without_sequences": ({"p-0": "flat", "p-1": "distinct", "p-2": "flat", "p-3": "short", "p-4": "flat"},
-                               ["stage.micro_batch_size=2", "stage.num_mini_batches=2", "stage.aggregation=token",
+                               ["stage.micro_batch_size=2", "stage.num_mini_batches=2", "stage.loss.aggregation=token",
                                 "stage.max_grad_norm=null"], {0: 0, 1: 5}),
     # advantage "batch": the std over the global batch, not over each rank's (theirs differ here)
     "batch_advantage": ({"p-0": "flat", "p-1": "distinct", "p-2": "distinct", "p-3": "distinct", "p-4": "flat"},
@@ -238,7 +238,8 @@ def _sft_cfg(root: Path, shards: str, name: str, steps: int, *overrides):
 
 
 def _sft_worker(rank: int, root: str, shards: str, out: str) -> None:
-    from urt.train import HFExport, train
+    from urt.stages.base import HFExport
+    from urt.train import train
 
     dump = Path(out) / f"sft-rank{rank}.pt"
     written = []

@@ -57,7 +57,7 @@ def test_one_step_end_to_end(tmp_path, shards):
 
     from urt.train import train
 
-    cfg = _cfg(tmp_path, shards, "stage.beta=0.04", "stage.run_name=e2e")
+    cfg = _cfg(tmp_path, shards, "stage.loss.beta=0.04", "stage.run_name=e2e")
     rec = Recorder()
     hf = train(cfg, callbacks=[rec])
     run = Path(cfg.stage.run_dir)
@@ -96,7 +96,7 @@ def test_canned_completions_give_exact_advantages(tmp_path, shards, monkeypatch)
         return out
 
     monkeypatch.setattr(urt.generation, "generate", canned)
-    cfg = _cfg(tmp_path, shards, "stage.beta=0", "stage.num_generations=4", "stage.run_name=canned",
+    cfg = _cfg(tmp_path, shards, "stage.loss.beta=0", "stage.num_generations=4", "stage.run_name=canned",
                "stage.advantage=paper")
     rec = Recorder()
     train(cfg, callbacks=[rec])
@@ -115,7 +115,7 @@ def test_packed_logprobs_equal_padded(family):
     from urt.data.collate import make_collator
     from urt.data.encode import SampleEncoder
     from urt.models import load_model
-    from urt.stages.grpo import completion_sequence, sequence_logprobs
+    from urt.rl.logprobs import completion_sequence, sequence_logprobs
 
     torch.manual_seed(0)
     bundle = load_model("tiny", family=family)
@@ -258,7 +258,7 @@ def test_step_gradient_equals_policy_loss_recomputed(tmp_path, shards, monkeypat
     from urt.prompts import answer_string
     from urt.rewards import score
     from urt.rl.objective import completion_mask, group_advantages, policy_loss
-    from urt.stages.grpo import completion_ids, completion_sequence
+    from urt.rl.logprobs import completion_sequence, text_completion_ids
     from urt.train import train
 
     def canned(bundle, prompts, cfg, **kw):
@@ -266,7 +266,7 @@ def test_step_gradient_equals_policy_loss_recomputed(tmp_path, shards, monkeypat
                  "plain words here"][: cfg.num_return_sequences] for p in prompts]
 
     monkeypatch.setattr(urt.generation, "generate", canned)
-    cfg = _cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=grad", "stage.max_grad_norm=null",
+    cfg = _cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=grad", "stage.max_grad_norm=null",
                "stage.micro_batch_size=2")  # 6 sequences in 3 accumulated micro-batches
     cap = GradCapture()
     train(cfg, callbacks=[cap])
@@ -275,7 +275,7 @@ def test_step_gradient_equals_policy_loss_recomputed(tmp_path, shards, monkeypat
     texts = [t for g in canned(bundle, cap.prompts, urt.generation.GenerationConfig(num_return_sequences=3))
              for t in g]
     eos = stop_token_ids(bundle)[0]
-    ids = [completion_ids(bundle.tokenizer, t, "", eos, 8) for t in texts]
+    ids = [text_completion_ids(bundle.tokenizer, t, "", eos, 8) for t in texts]
     seqs = [completion_sequence(cap.prompts[i // 3], ids[i], i % 3) for i in range(6)]
     adv = group_advantages(torch.tensor(score(texts, [answer_string(cap.prompts[i // 3].task,
                                                                      int(cap.prompts[i // 3].label))
@@ -299,9 +299,9 @@ def test_step_gradient_equals_policy_loss_recomputed(tmp_path, shards, monkeypat
 
 @pytest.mark.parametrize("variant", [
     ["stage.num_iterations=2", "stage.num_mini_batches=2", "stage.filter_zero_variance=true",
-     "stage.aggregation=token", "stage.epsilon_high=0.28", "stage.micro_batch_size=2"],
-    ["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.beta=0.04", "stage.collate=padded",
-     "stage.aggregation=dr_grpo", "stage.advantage=none"],
+     "stage.loss.aggregation=token", "stage.loss.epsilon_high=0.28", "stage.micro_batch_size=2"],
+    ["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.loss.beta=0.04", "stage.collate=padded",
+     "stage.loss.aggregation=dr_grpo", "stage.advantage=none"],
 ], ids=["mu2_minibatches_filter_token", "lora_reference_padded_drgrpo"])
 def test_variants_run(tmp_path, shards, variant, monkeypatch):
     """Canned completions: the first prompt's group has distinct rewards, the second's are all 0 (zero
@@ -367,7 +367,7 @@ def test_nonfinite_reward_stops_with_checkpoint(tmp_path, shards, monkeypatch):
 
     register_reward("test_nan_on_b", override=True)(nan_on_b)
     monkeypatch.setattr(urt.generation, "generate", _canned_answers)
-    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=nanreward"), {"test_nan_on_b": 1.0})
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=nanreward"), {"test_nan_on_b": 1.0})
     seen = Recorder()
     with pytest.raises(UrtError, match=r"step 1\b.*'test_nan_on_b'.*#1'") as err:
         train(cfg, callbacks=[seen])
@@ -391,7 +391,7 @@ def test_nonfinite_loss_stops_with_checkpoint(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(urt.generation, "generate", _canned_answers)
     real = grpo.policy_loss
     monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (lambda l, m: (l * float("inf"), m))(*real(*a, **k)))
-    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=nanloss"), {"test_vowels": 1.0})
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=nanloss"), {"test_vowels": 1.0})
     with pytest.raises(UrtError, match=r"step 1\b.*loss is non-finite"):
         train(cfg)
     assert (Path(cfg.stage.run_dir) / "checkpoints" / "failed-step-000001.ckpt").is_file()
@@ -410,7 +410,7 @@ def test_raising_reward_names_reward_and_sample(tmp_path, shards, monkeypatch):
 
     register_reward("test_boom", override=True)(boom_on_c)
     monkeypatch.setattr(urt.generation, "generate", _canned_answers)
-    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=boom"), {"test_boom": 1.0})
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=boom"), {"test_boom": 1.0})
     with pytest.raises(UrtError, match=r"'test_boom'.*'ig-\d+#2'.*cannot parse ccc") as err:
         train(cfg)
     assert isinstance(err.value.__cause__, ValueError)
@@ -433,7 +433,7 @@ def test_short_group_uses_valid_completions(tmp_path, shards, monkeypatch):
         return [full[0][:2]] + [g[:1] for g in full[1:]]
 
     monkeypatch.setattr(urt.generation, "generate", short)
-    cfg = _with_weights(_cfg(tmp_path, shards, "stage.beta=0", "stage.run_name=short"), {"test_vowels": 1.0})
+    cfg = _with_weights(_cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=short"), {"test_vowels": 1.0})
     rec = Recorder()
     train(cfg, callbacks=[rec])
     assert rec.losses[1] == rec.losses[1]  # an update happened (not NaN)
@@ -448,7 +448,7 @@ def test_short_group_uses_valid_completions(tmp_path, shards, monkeypatch):
 
 def test_grouped_advantages_over_valid_slots():
     from urt.rl.objective import group_advantages
-    from urt.stages.grpo import grouped_advantages
+    from urt.rl.advantages import grouped_advantages
 
     r = torch.tensor([1.0, 0.0, 2.0, 5.0, 3.0, 0.0])
     full, zv, ok = grouped_advantages(r, torch.ones(6, dtype=torch.bool), 3, "paper")
@@ -509,7 +509,7 @@ def test_trained_logprobs_are_the_samplers(family, monkeypatch):
     from urt.models import load_model
     from urt.rl.shared_prompt import make_logprob_collator
     from urt.rl.visual_cache import VisualCache
-    from urt.stages.grpo import completion_sequence, sequence_logprobs
+    from urt.rl.logprobs import completion_sequence, sequence_logprobs
     from data_fixtures import four_task_samples
 
     torch.manual_seed(0)

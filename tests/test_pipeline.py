@@ -183,10 +183,10 @@ def test_size_pipelines_pick_the_size_and_the_command_line_still_wins():
 
 def test_a_sweep_replacing_a_steps_overrides_keeps_its_stage_experiment():
     pipe = _pipe("paper/qwen2_5_vl_7b/pipeline",
-                 "pipeline.steps.grpo.overrides=['stage.beta=0.0','stage.num_generations=4','optimizer.lr=5e-7']")
+                 "pipeline.steps.grpo.overrides=['stage.loss.beta=0.0','stage.num_generations=4','optimizer.lr=5e-7']")
     sc = pipe.compose("grpo")
     assert sc.experiment == "paper/qwen2_5_vl_7b/grpo" and sc.stage.name == "grpo"
-    assert (sc.stage.beta, sc.stage.num_generations, sc.optimizer.lr) == (0.0, 4, 5e-7)
+    assert (sc.stage.loss.beta, sc.stage.num_generations, sc.optimizer.lr) == (0.0, 4, 5e-7)
     assert sc.stage.top_p == 0.95  # the rest of the paper recipe stays
 
 
@@ -234,7 +234,7 @@ def test_ablation_grpo_no_cot():
     from urt.prompts.render import available_templates
 
     assert g.data.tasks is None and set(available_templates()["implicit"]) == set(TASKS)  # every task has a prompt
-    assert g.stage.max_new_tokens == 64 and g.stage.beta == 0.04 and g.optimizer.lr == 1e-6
+    assert g.stage.max_new_tokens == 64 and g.stage.loss.beta == 0.04 and g.optimizer.lr == 1e-6
     assert [Path(p).parent.name for p in _shards(_pipe("paper/qwen2_5_vl_7b/grpo_no_cot").compose("grpo"),
                                                  "data.train_shards")] == UNIFIED
     assert list(pipe.p.eval.after) == ["grpo"] and list(pipe.p.eval.modes) == ["implicit"]

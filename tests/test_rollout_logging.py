@@ -45,7 +45,7 @@ def shards(tmp_path_factory):
 @pytest.fixture
 def wandb_env(monkeypatch):
     """WANDB_MODE=offline, and the WANDB_* folder variables unset for the test and removed afterwards,
-    so urt.train._loggers points them into this test's run directory (and no later test inherits them)."""
+    so urt.stages.base.loggers points them into this test's run directory (and no later test inherits them)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in WANDB_VARS:
@@ -86,7 +86,7 @@ def test_is_truncated():
 
 def test_parsed_answers():
     from urt.prompts import answer_string
-    from urt.stages.grpo import parsed_answers
+    from urt.rl.rollout_log import parsed_answers
 
     a1, a2 = answer_string("image_generation", 1), answer_string("image_generation", 2)
     texts = [f"<think>x</think><answer>{a1}</answer>", f"<answer>{a2}</answer>", "<answer>maybe</answer>",
@@ -97,7 +97,7 @@ def test_parsed_answers():
 
 
 def test_sample_table_rows():
-    from urt.stages.grpo import sample_table_rows
+    from urt.rl.rollout_log import sample_table_rows
 
     groups = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     rows = sample_table_rows(groups, 7, "s")
@@ -136,7 +136,7 @@ def test_rollout_columns_and_wandb_table(tmp_path, shards, monkeypatch, wandb_en
 
     long_text = "lorem ipsum dolor sit amet " * 20
     monkeypatch.setattr(urt.generation, "generate", _canned(long_text))
-    cfg = _cfg(tmp_path, shards, "logger=wandb", "stage.run_name=wb", "stage.beta=0", "stage.num_generations=4",
+    cfg = _cfg(tmp_path, shards, "logger=wandb", "stage.run_name=wb", "stage.loss.beta=0", "stage.num_generations=4",
                "stage.max_new_tokens=24", "stage.rollout_table_rows=5", "stage.micro_batch_size=8", steps=2)
     run = _train(cfg).resolve()
 
@@ -191,10 +191,10 @@ def test_no_wandb_logger_no_table(tmp_path, shards, monkeypatch):
     import urt.generation
 
     monkeypatch.setattr(urt.generation, "generate", _canned("x " * 40))
-    run = _train(_cfg(tmp_path, shards, "stage.run_name=csvonly", "stage.beta=0", "stage.num_generations=4",
+    run = _train(_cfg(tmp_path, shards, "stage.run_name=csvonly", "stage.loss.beta=0", "stage.num_generations=4",
                       "stage.max_new_tokens=24"))
     assert (run / "rollouts" / "step-000001.parquet").is_file() and not (run / "wandb").exists()
-    run2 = _train(_cfg(tmp_path, shards, "stage.run_name=off", "stage.beta=0", "stage.num_generations=4",
+    run2 = _train(_cfg(tmp_path, shards, "stage.run_name=off", "stage.loss.beta=0", "stage.num_generations=4",
                        "stage.max_new_tokens=24", "stage.rollouts=false"))
     assert not (run2 / "rollouts").exists()
 
@@ -203,7 +203,7 @@ def test_no_wandb_logger_no_table(tmp_path, shards, monkeypatch):
 def _fake_run(tmp_path: Path, shards: str) -> Path:
     """A run directory with hand-written rollout tables (2 steps, 2 groups of 3), a config naming the
     shards, and two metrics.csv files (the second a resume repeating step 2)."""
-    from urt.stages.grpo import rollout_arrow_table
+    from urt.rl.rollout_log import rollout_arrow_table
 
     run = tmp_path / "fake_run"
     (run / "rollouts").mkdir(parents=True)
@@ -384,7 +384,7 @@ def test_notebook_executes_on_a_tiny_run(tmp_path, shards, monkeypatch, wandb_en
     import nbformat
     from nbclient import NotebookClient
 
-    run = _train(_cfg(tmp_path, shards, "logger=wandb", "stage.run_name=nb", "stage.beta=0.04", steps=3))
+    run = _train(_cfg(tmp_path, shards, "logger=wandb", "stage.run_name=nb", "stage.loss.beta=0.04", steps=3))
     assert len(list((run / "rollouts").glob("step-*.parquet"))) == 3
 
     # a kernel spec naming this interpreter, in a tmp JUPYTER_PATH (nothing written outside tmp)

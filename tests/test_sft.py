@@ -244,7 +244,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, shards, every):
 
 def test_resume_never_refuses_to_overwrite(tmp_path, shards):
     from urt.errors import UrtError
-    from urt.train import resume_path
+    from urt.stages.base import resume_path
 
     cfg = _cfg(["model=tiny_qwen2_5_vl", "stage.run_name=r", "stage.resume=never"], tmp_path, shards)
     assert resume_path(cfg) is None
@@ -315,11 +315,11 @@ def test_generation_eval_logs_accuracy_and_format_rate(tmp_path, shards):
 
 def test_schedule_length_from_the_shard_index(shards):
     from urt.data.datamodule import RewardDataModule
-    from urt.stages.sft import _num_batches
+    from urt.stages.base import num_batches
 
-    assert _num_batches(RewardDataModule(train_shards=[shards], batch_size=2, order="keep")) == 4
-    assert _num_batches(RewardDataModule(train_shards=[shards], batch_size=2, order="both")) == 8
-    assert _num_batches(RewardDataModule(train_shards=[shards], batch_size=4, tasks=["image_generation"])) == 2
+    assert num_batches(RewardDataModule(train_shards=[shards], batch_size=2, order="keep")) == 4
+    assert num_batches(RewardDataModule(train_shards=[shards], batch_size=2, order="both")) == 8
+    assert num_batches(RewardDataModule(train_shards=[shards], batch_size=4, tasks=["image_generation"])) == 2
 
 
 def test_lora_with_gradient_checkpointing_trains_and_exports_merged(tmp_path, shards):

@@ -23,7 +23,7 @@ from test_visual_cache import FEEDS_ENCODER_OUTPUTS, assert_same, bundle, grads,
 from urt.data.collate import PackedCollator, PaddedCollator, make_collator
 from urt.rl.shared_prompt import SharedPromptLogprobs, make_logprob_collator, shared_prompt_blocker
 from urt.rl.visual_cache import VisualCache
-from urt.stages.grpo import completion_sequence, sequence_logprobs
+from urt.rl.logprobs import completion_sequence, sequence_logprobs
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -145,7 +145,7 @@ def test_cache_dropped_without_gradients_falls_back_to_padded(monkeypatch, caplo
     """transformers 5.17 drops the KV cache of a checkpointed model in training mode even without
     gradients: the prompt pass comes back without one, that pass runs padded (same values, reason
     logged) and later passes of the model in that state go padded at once."""
-    from urt.rl import visual_cache
+    from urt.models import compat
     from urt.rl.visual_cache import hf_model
 
     b = bundle("qwen2_5_vl", gradient_checkpointing=True)
@@ -156,7 +156,7 @@ def test_cache_dropped_without_gradients_falls_back_to_padded(monkeypatch, caplo
     lm = hf_model(model).model.language_model
     forward = lm.forward
     monkeypatch.setattr(lm, "forward", lambda *a, **k: forward(*a, **{**k, "use_cache": False}))  # as 5.17 does
-    monkeypatch.setattr(visual_cache, "_WARNED", set(), raising=False)
+    monkeypatch.setattr(compat, "_WARNED", set())
     shared = SharedPromptLogprobs(b)
     with torch.no_grad(), caplog.at_level("WARNING"):
         got, _ = sequence_logprobs(model, shared, seqs)
@@ -187,8 +187,8 @@ class Losses(Callback):
 
 
 @pytest.mark.parametrize("variant,steps", [  # trainer.max_steps counts optimizer steps: 2 rollout steps each
-    (["stage.beta=0.04", "stage.num_iterations=2", "stage.num_mini_batches=2", "stage.micro_batch_size=2"], 8),
-    (["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.beta=0.04", "stage.micro_batch_size=4"], 2),
+    (["stage.loss.beta=0.04", "stage.num_iterations=2", "stage.num_mini_batches=2", "stage.micro_batch_size=2"], 8),
+    (["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.loss.beta=0.04", "stage.micro_batch_size=4"], 2),
 ], ids=["reference_mu2_minibatches", "lora_reference"])
 def test_grpo_run_with_shared_prompts_equals_padded(tmp_path, shards, monkeypatch, variant, steps):
     import urt.generation

@@ -25,7 +25,7 @@ SWEEPS = REPO / "experiments" / "sweeps"
 ARRAY = REPO / "slurm" / "array.sbatch"
 MULTINODE = REPO / "slurm" / "multinode.sbatch"
 
-GRPO_LIST = "pipeline.steps.grpo.overrides=['stage.beta=0.0','optimizer.lr=1e-6']"
+GRPO_LIST = "pipeline.steps.grpo.overrides=['stage.loss.beta=0.0','optimizer.lr=1e-6']"
 FIXTURE_SWEEP = f"""\
 # a fixture sweep: comments, blanks, quoting
 experiment=paper/qwen2_5_vl_7b/pipeline   # run 0, trailing comment
@@ -53,13 +53,13 @@ def test_parse_comments_blanks_quotes_and_line_numbers():
                                  "data.tasks=[image_generation,video_generation]", "~logger")
     # the list override reaches Hydra as a list of override strings
     parsed = OverridesParser.create().parse_overrides([runs[2].overrides[1]])[0]
-    assert parsed.value() == ["stage.beta=0.0", "optimizer.lr=1e-6"]
+    assert parsed.value() == ["stage.loss.beta=0.0", "optimizer.lr=1e-6"]
 
 
 def test_shell_line_round_trips_through_bash_eval():
     run = parse_sweep_text(FIXTURE_SWEEP)[2]
     line = run.shell()
-    assert line == ("experiment=paper/qwen2_5_vl_7b/pipeline \"pipeline.steps.grpo.overrides=['stage.beta=0.0',"
+    assert line == ("experiment=paper/qwen2_5_vl_7b/pipeline \"pipeline.steps.grpo.overrides=['stage.loss.beta=0.0',"
                     "'optimizer.lr=1e-6']\" 'model.name_or_path=/models/with space/m'")
     out = subprocess.run(["bash", "-c", 'eval "a=($1)"; printf "%s\\n" "${a[@]}"', "bash", line],
                          capture_output=True, text=True, check=True).stdout
@@ -74,8 +74,8 @@ def test_shell_line_round_trips_through_bash_eval():
     ("seed=1 'tags=[a,b]", r"bad\.txt:3: cannot split the line into overrides \(No closing quotation\)"),
     ('experiment=x "unterminated', r"bad\.txt:3: cannot split .*No closing quotation"),
     ("urt pipeline experiment=x", r"bad\.txt:3: 'urt' is not a Hydra override"),
-    ("stage.beta=0,0.04", r"bad\.txt:3: 'stage\.beta=0,0\.04' is a sweep over several values"),
-    ("pipeline.steps.grpo.overrides=[stage.beta=0.0,optimizer.lr=1e-6]",
+    ("stage.loss.beta=0,0.04", r"bad\.txt:3: 'stage\.beta=0,0\.04' is a sweep over several values"),
+    ("pipeline.steps.grpo.overrides=[stage.loss.beta=0.0,optimizer.lr=1e-6]",
      r"bad\.txt:3: .* is not a valid Hydra override: .*must be quoted inside the brackets"),
     ("model=[unclosed", r"bad\.txt:3: 'model=\[unclosed' is not a valid Hydra override"),
 ])
@@ -115,7 +115,7 @@ def test_shipped_grpo_grid_is_beta_x_g_x_lr():
         parsed = parser.parse_overrides([run.overrides[1]])[0]
         assert parsed.key_or_group == "pipeline.steps.grpo.overrides"
         grid.append(tuple(parsed.value()))
-    assert grid == [(f"stage.beta={b}", f"stage.num_generations={g}", f"optimizer.lr={lr}")
+    assert grid == [(f"stage.loss.beta={b}", f"stage.num_generations={g}", f"optimizer.lr={lr}")
                     for b, g, lr in itertools.product(("0.0", "0.04"), (4, 8), ("5e-7", "1e-6"))]
 
 
@@ -521,4 +521,4 @@ def test_plot_labels_show_what_tells_runs_apart():
             for i, r in enumerate(parse_sweep_file(SWEEPS / "grpo_beta_g_lr.txt"))]
     common = set.intersection(*(set(_label_tokens(r.overrides)) for r in runs))
     assert common == {"experiment=paper/qwen2_5_vl_7b/pipeline"}
-    assert _label(runs[5], common) == "task-5/p: stage.beta=0.04 stage.num_generations=4 optimizer.lr=1e-6"
+    assert _label(runs[5], common) == "task-5/p: stage.loss.beta=0.04 stage.num_generations=4 optimizer.lr=1e-6"

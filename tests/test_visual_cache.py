@@ -23,7 +23,7 @@ from urt.data.schema import Sample, Video
 from urt.errors import UrtError
 from urt.models import load_model
 from urt.rl.visual_cache import SUPPORTED_FAMILIES, VisualCache, cache_blocker, hf_model
-from urt.stages.grpo import completion_sequence, sequence_logprobs
+from urt.rl.logprobs import completion_sequence, sequence_logprobs
 
 ATOL = 1e-5
 G = 3

@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from urt.errors import UrtError
+from urt.models.compat import cache_kwarg, model_device, model_dtype, to_device
 
 IM_END = "<|im_end|>"
 # Special vision tokens of the four families' tokenizers (whichever exist are suppressed).
@@ -309,38 +310,7 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
-def _cache_kwarg() -> str:
-    """The name generate takes a cache under: `cache` from transformers 5.2x, `past_key_values` before."""
-    from transformers.generation.utils import ALL_CACHE_NAMES
-
-    return ALL_CACHE_NAMES[0]
-
-
 # ------------------------------------------------------------------------------------------ generate
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
-def _model_dtype(model) -> torch.dtype:
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _to_device(inputs: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Tensors to the model's device; pixel tensors to its dtype (other float inputs such as
-    `second_per_grid_ts` keep theirs: bf16 rounding could shift mRoPE time positions)."""
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor):
-            cast = v.is_floating_point() and k.startswith("pixel_values")
-            v = v.to(device=device, dtype=dtype) if cast else v.to(device)
-        out[k] = v
-    return out
 
 
 # Per-token inputs: the shared prefill runs them without the last prompt token, generate repeats them.
@@ -359,7 +329,7 @@ def _generate_shared_prefill(model, inputs: dict, copies: int, gen_kwargs: dict,
     # The prefill is HF's own (a one-token greedy generate), so positions under left padding and Qwen's
     # mRoPE offsets are exactly those of the repeated prompts; the token it picks is not used.
     quiet = {k: v for k, v in gen_kwargs.items() if k not in ("logits_processor", "max_new_tokens")}
-    name = _cache_kwarg()
+    name = cache_kwarg()
     mine = preallocated_cache(model, ids.shape[1] + int(gen_kwargs["max_new_tokens"])) if preallocate else None
     pre = model.generate(**head, **quiet, **({name: mine} if mine is not None else {}), max_new_tokens=1,
                          return_dict_in_generate=True)
@@ -419,7 +389,7 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
     greedy = cfg.greedy
     copies = 1 if greedy else n  # greedy decoding gives n identical sequences: decode once, repeat
     collate = make_collator("padded", bundle, padding_side="left")
-    device, dtype = _model_device(model), _model_dtype(model)
+    device, dtype = model_device(model), model_dtype(model)
     stops = stop_token_ids(bundle)
     # Sampling is ours: the warpers and an inverse-CDF draw run as logits processors and HF's greedy
     # step takes the drawn token (torch.multinomial costs ~30x more on CPU: a quarter of a GRPO rollout).
@@ -466,17 +436,17 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 shared = copies > 1 and cfg.shared_prefill and _SHARED_PREFILL.get(type(model), True)
                 rows = [prompts[i] for i in idx for _ in range(1 if shared else copies)]
                 batch = collate(rows)
-                inputs = _to_device(model_inputs(batch), device, dtype)
+                inputs = to_device(model_inputs(batch), device, dtype)
                 width = int(inputs["input_ids"].shape[1])
                 try:
                     out = (_generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate)
                            if shared else None)
                     if out is None:
                         if shared:  # this model's cache cannot be repeated: repeat the prompts instead
-                            inputs = _to_device(model_inputs(collate([p for p in rows for _ in range(copies)])),
+                            inputs = to_device(model_inputs(collate([p for p in rows for _ in range(copies)])),
                                                 device, dtype)
                         cache = preallocated_cache(model, width + int(cfg.max_new_tokens)) if cfg.preallocate else None
-                        extra = {} if cache is None else {_cache_kwarg(): cache}
+                        extra = {} if cache is None else {cache_kwarg(): cache}
                         out = model.generate(**inputs, **gen_kwargs, **extra)
                 except UrtError:
                     raise

@@ -29,7 +29,7 @@ interrupted train step resumes from its last.ckpt. `enabled: false` drops a step
 from the pipeline's base model (the pipeline config's `model.name_or_path`: the experiment's model, or
 `model=…` from the command line); a step without `init` starts from its own config's model.
 `extra_overrides` (empty in the shipped configs) are appended after `overrides`: sweeps set them
-(`"pipeline.steps.grpo.extra_overrides=['stage.beta=0.0']"`) without repeating the step's own overrides.
+(`"pipeline.steps.grpo.extra_overrides=['stage.loss.beta=0.0']"`) without repeating the step's own overrides.
 
 Under several processes (srun / torchrun: RANK or SLURM_PROCID set) every rank runs the train steps
 together (Lightning DDP/FSDP); sample, distill, data and eval steps run on rank 0 while the other ranks

@@ -1,5 +1,5 @@
 """Looking at what a GRPO run's policy wrote: loaders, per-step summaries and plots over the rollout
-tables (`run_dir/rollouts/step-NNNNNN.parquet`, written by `urt.stages.grpo.GRPOModule._write_rollouts`),
+tables (`run_dir/rollouts/step-NNNNNN.parquet`, written by `urt.rl.rollout_log`),
 the CSV metrics (`run_dir/csv/**/metrics.csv`) and, when present, the offline wandb run
 (`run_dir/wandb/offline-run-*`). `experiments/notebooks/inspect_rollouts.ipynb` is these functions plus
 prose.

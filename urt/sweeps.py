@@ -5,7 +5,7 @@ Sweep file format (`experiments/sweeps/*.txt`)::
 
     # comment lines and blank lines are ignored; `#` after whitespace starts a trailing comment
     experiment=paper/qwen2_5_vl_7b/pipeline
-    experiment=paper/qwen2_5_vl_7b/pipeline "pipeline.steps.grpo.overrides=['stage.beta=0.0','optimizer.lr=1e-6']"
+    experiment=paper/qwen2_5_vl_7b/pipeline "pipeline.steps.grpo.overrides=['stage.loss.beta=0.0','optimizer.lr=1e-6']"
 
 Every other line is one run: its Hydra overrides, split on whitespace with shell quoting (shlex, POSIX
 rules: '…' and "…" keep spaces and brackets together). Runs are numbered 0, 1, … over these lines only —
@@ -102,7 +102,7 @@ def _check_override(token: str, where: str) -> None:
         hint = ""
         if re.search(r"=\[[^\]'\"]*=", token):
             hint = (" (list elements that contain '=' must be quoted inside the brackets, e.g. "
-                    "\"key=['stage.beta=0.0','optimizer.lr=1e-6']\")")
+                    "\"key=['stage.loss.beta=0.0','optimizer.lr=1e-6']\")")
         raise UrtError(f"{where}: {token!r} is not a valid Hydra override: {reason}{hint}") from None
     if parsed.is_sweep_override():
         raise UrtError(f"{where}: {token!r} is a sweep over several values; a sweep file has one run per "

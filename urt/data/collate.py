@@ -233,7 +233,7 @@ class PackedCollator:
 _WARNED: set[str] = set()
 
 
-def _pad_id(bundle) -> int:
+def pad_id(bundle) -> int:
     pad = getattr(bundle.tokenizer, "pad_token_id", None)
     if pad is None:
         cfg = bundle.model.config
@@ -260,7 +260,7 @@ def make_collator(kind: str, bundle, *, padding_side: str = "right"):
     if kind == "auto":
         kind = "packed" if packing_pays(bundle) else "padded"
     if kind == "padded":
-        return PaddedCollator(_pad_id(bundle), padding_side=padding_side)
+        return PaddedCollator(pad_id(bundle), padding_side=padding_side)
     if kind != "packed":
         raise UrtError(f"unknown collator kind {kind!r}; use 'auto', 'padded' or 'packed'")
     spec = bundle.spec
@@ -269,5 +269,5 @@ def make_collator(kind: str, bundle, *, padding_side: str = "right"):
             _WARNED.add(bundle.family)
             log.warning("family %s cannot be packed (%s); padding instead", bundle.family,
                         spec.notes or "packed samples are not isolated")
-        return PaddedCollator(_pad_id(bundle), padding_side=padding_side)
-    return PackedCollator(bundle.family, bundle.model.config, _pad_id(bundle))
+        return PaddedCollator(pad_id(bundle), padding_side=padding_side)
+    return PackedCollator(bundle.family, bundle.model.config, pad_id(bundle))

@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from urt.data.cache import EncodedCache, UnitCollector, unpack_into
 from urt.data.encode import OverlongSample, SampleEncoder
 from urt.data.schema import TASKS, Sample
-from urt.data.shards import ShardError, SkipStats, _load_opts, decode_sample, make_pipeline, resolve_shards
+from urt.data.shards import ShardError, SkipStats, decode_sample, loading_options, make_pipeline, resolve_shards
 from urt.errors import UrtError
 
 log = logging.getLogger(__name__)
@@ -559,7 +559,7 @@ class RewardDataModule(L.LightningDataModule):
         self.group_by_length = int(group_by_length)
         self.cache_encoded = bool(cache_encoded)
         self._encoded = EncodedCache()  # cache_encoded: see ShardStream.cache
-        self.load_opts = _load_opts(frames=frames, frame_sampling=frame_sampling, fps=fps, max_frames=max_frames,
+        self.load_opts = loading_options(frames=frames, frame_sampling=frame_sampling, fps=fps, max_frames=max_frames,
                                     min_pixels=min_pixels, max_pixels=max_pixels,
                                     video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
         self.bundle = None

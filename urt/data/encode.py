@@ -44,6 +44,14 @@ from urt.prompts import (
 MODES = ("sft", "prompt")
 TARGETS = ("cot", "answer", "describe", "reason")
 IGNORE_INDEX = -100
+
+
+def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: positions t whose next label (t+1) is supervised (the positions that get a loss)."""
+    nxt = labels[:, 1:] != IGNORE_INDEX
+    return torch.cat([nxt, torch.zeros_like(nxt[:, :1])], dim=1)
+
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # Frame rate assumed for a video whose `fps` is unknown (Qwen2-VL's video processor default).
 DEFAULT_VIDEO_FPS = 2.0

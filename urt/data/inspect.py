@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from urt.data.schema import TASKS, Sample, Video
-from urt.data.shards import SkipStats, _expected_counts, iter_headers, read_shards, resolve_shards
+from urt.data.shards import SkipStats, expected_counts, iter_headers, read_shards, resolve_shards
 
 # Contact-sheet geometry (pixels): each visual is shown in THUMB x THUMB boxes (a video as a strip of
 # up to FRAMES_PER_VIDEO frames), PAD between boxes and around rows, CAPTION_H for two caption lines.
@@ -50,7 +50,7 @@ def scan(spec, *, examples: int = 4, progress: bool = True, console=None) -> Sha
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     urls = resolve_shards(spec)
-    expected = _expected_counts(urls)
+    expected = expected_counts(urls)
     total = sum(expected.values()) if len(expected) == len(urls) else None
     rep = ShardReport(shards=urls)
     with Progress(TextColumn("scanning {task.fields[n]} shard(s)"), BarColumn(), MofNCompleteColumn(),

@@ -399,7 +399,7 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     raise UrtError(f"{s}: no such shard file or directory")
 
 
-def _expected_counts(urls: Sequence[str]) -> dict[str, int]:
+def expected_counts(urls: Sequence[str]) -> dict[str, int]:
     """Per-shard sample counts from the index.json next to each local shard (where there is one)."""
     counts: dict[str, int] = {}
     by_dir: dict[str, dict[str, int]] = {}
@@ -515,7 +515,7 @@ class _Guard:
         return sample
 
 
-def _load_opts(frames: int = 8, frame_sampling: str = "uniform", fps: float | None = None,
+def loading_options(frames: int = 8, frame_sampling: str = "uniform", fps: float | None = None,
                max_frames: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
                video_min_pixels: int | None = None, video_max_pixels: int | None = None) -> dict:
     if frame_sampling not in ("uniform", "fps"):
@@ -655,8 +655,8 @@ def make_pipeline(urls, *, shuffle_buffer: int = 0, seed: int = 0, shardshuffle:
     url_list = resolve_shards(urls)
     if not url_list:  # an empty shard set (index.json with no shards) reads as no samples
         return _NoSamples()
-    opts = _load_opts(**load_opts)
-    guard = _Guard(on_error, stats, _expected_counts(url_list))
+    opts = loading_options(**load_opts)
+    guard = _Guard(on_error, stats, expected_counts(url_list))
     ds = wds.WebDataset(url_list, handler=guard.handler, shardshuffle=shardshuffle or False,
                         nodesplitter=nodesplitter, workersplitter=workersplitter, seed=seed,
                         rename_files=guard.track, select_files=select_files, empty_check=False)

@@ -7,13 +7,16 @@ from urt.rewards.core import (
     FORMAT_PATTERN,
     REWARDS,
     RewardFn,
+    RewardSet,
     accuracy_reward,
+    build_rewards,
     consistency_reward,
     extract_answer,
     format_reward,
     get_reward,
     register_reward,
     score,
+    solution_for,
 )
 
 __all__ = [
@@ -22,11 +25,14 @@ __all__ = [
     "FORMAT_PATTERN",
     "REWARDS",
     "RewardFn",
+    "RewardSet",
     "accuracy_reward",
+    "build_rewards",
     "consistency_reward",
     "extract_answer",
     "format_reward",
     "get_reward",
     "register_reward",
     "score",
+    "solution_for",
 ]

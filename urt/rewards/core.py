@@ -8,6 +8,7 @@ data error and raises UrtError. `completion` is the decoded text with special to
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from urt.errors import UrtError
@@ -114,15 +115,21 @@ def score(
     completions: Sequence[str],
     solutions: Sequence[str | None] | None = None,
     weights: Mapping[str, float] | None = None,
+    *,
+    functions: Mapping[str, RewardFn] | None = None,
+    per_sample: Sequence[Mapping[str, Any]] | None = None,
     **kwargs: Any,
 ) -> dict[str, list[float]]:
     """Score a batch. Returns `rewards/<name>` (one list per weighted reward, for logging) and
     `reward` (the weighted sum, what GRPO optimises). Default weights: the paper's format +
-    accuracy, 1.0 each. Extra kwargs are passed to every reward function."""
+    accuracy, 1.0 each. `functions` maps names to reward functions ahead of the registry (a run's
+    components, `build_rewards`). Extra kwargs are passed to every reward call; `per_sample` gives each
+    completion its own as well (GRPO passes the sample's `task`, `label`, `key` and `meta`)."""
     weights = dict(DEFAULT_WEIGHTS if weights is None else weights.items())
     if not weights:
         raise UrtError("reward weights are empty; name at least one reward")
-    fns = {name: get_reward(name) for name in weights}
+    given = dict(functions or {})
+    fns = {name: given[name] if name in given else get_reward(name) for name in weights}
     for name, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise UrtError(f"weight of reward {name!r} must be a number, got {w!r}")
@@ -132,12 +139,81 @@ def score(
         raise UrtError(
             f"got {len(completions)} completions but {len(sols)} solutions; they must pair up"
         )
+    own = [{}] * len(completions) if per_sample is None else list(per_sample)
+    if len(own) != len(completions):
+        raise UrtError(f"got {len(completions)} completions but {len(own)} per-sample argument sets")
     out: dict[str, list[float]] = {}
     total = [0.0] * len(completions)
     for name, fn in fns.items():
-        vals = [float(fn(c, s, **kwargs)) for c, s in zip(completions, sols)]
+        vals = [float(fn(c, s, **kwargs, **o)) for c, s, o in zip(completions, sols, own)]
         out[f"rewards/{name}"] = vals
         w = float(weights[name])
         total = [t + w * v for t, v in zip(total, vals)]
     out["reward"] = total
     return out
+
+
+@dataclass
+class RewardSet:
+    """A run's rewards: the weights and the function each weighted name resolves to."""
+
+    weights: dict[str, float]
+    functions: dict[str, RewardFn]
+
+    @property
+    def max_total(self) -> float:
+        return float(sum(self.weights.values()))
+
+    def __call__(self, completions, solutions, per_sample=None) -> dict[str, list[float]]:
+        return score(completions, solutions, self.weights, functions=self.functions, per_sample=per_sample)
+
+
+def build_rewards(cfg: Mapping[str, Any] | None = None) -> RewardSet:
+    """The rewards a config names (`conf/reward/*.yaml`):
+
+        imports: [my_pkg.rewards]     # modules imported first: their @register_reward functions join the registry
+        components:                   # rewards built by Hydra (a function as a partial, or a callable object)
+          length: {_target_: my_pkg.rewards.length_penalty, _partial_: true, limit: 512}
+        weights: {format: 1.0, accuracy: 1.0, length: 0.1}
+
+    Every weighted name must be a component or a registered reward; a component may not take a registered
+    reward's name (it would shadow the paper's rewards unnoticed)."""
+    import importlib
+
+    cfg = dict(cfg or {})
+    for mod in cfg.get("imports") or []:
+        try:
+            importlib.import_module(str(mod))
+        except ImportError as e:
+            raise UrtError(f"reward.imports: cannot import {mod!r}: {e}") from None
+    components: dict[str, RewardFn] = {}
+    for name, spec in (cfg.get("components") or {}).items():
+        if name in REWARDS:
+            raise UrtError(f"reward.components.{name}: {name!r} is a registered reward "
+                           f"({REWARDS[name].__module__}.{REWARDS[name].__qualname__}); pick another name")
+        from hydra.utils import instantiate
+
+        try:
+            fn = instantiate(spec)
+        except Exception as e:  # noqa: BLE001 - Hydra wraps the target's own errors
+            raise UrtError(f"reward.components.{name}: cannot build it: {e}") from None
+        if not callable(fn):
+            raise UrtError(f"reward.components.{name} built a {type(fn).__name__}, not a callable reward "
+                           f"(a function needs `_partial_: true`)")
+        components[name] = fn
+    weights = dict(cfg.get("weights") or DEFAULT_WEIGHTS)
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise UrtError(f"reward.weights.{name} must be a number, got {w!r}")
+    return RewardSet(weights, {name: components[name] if name in components else get_reward(name)
+                               for name in weights})
+
+
+def solution_for(task: str, label, template_set: str | None = None) -> str | None:
+    """The answer string a completion is rewarded against: the label's, a tie's only under the implicit
+    prompts (the one template set that offers a tie), None otherwise (a tie under CoT prompts has no answer)."""
+    from urt.prompts import TIE_STRINGS, answer_string
+
+    if label == "tie":
+        return TIE_STRINGS.get(task) if template_set == "implicit" else None
+    return answer_string(task, int(label))

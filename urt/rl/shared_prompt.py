@@ -56,10 +56,11 @@ from typing import Any, Sequence
 
 import torch
 
-from urt.data.collate import PaddedCollator, RopeIndex, _pad_id, make_collator, model_inputs, packing_pays
+from urt.data.collate import PaddedCollator, RopeIndex, make_collator, model_inputs, packing_pays, pad_id
 from urt.data.encode import IGNORE_INDEX, QWEN_FAMILIES, Encoded
 from urt.errors import UrtError
-from urt.rl.visual_cache import _warn_once, hf_model
+from urt.models.compat import forward_takes, to_device, warn_once
+from urt.rl.visual_cache import hf_model
 
 
 # Families whose language model continues a cached prefix exactly with a multi-token forward.
@@ -100,7 +101,7 @@ def make_logprob_collator(kind: str, bundle):
             return SharedPromptLogprobs(bundle)
         fallback = "packed" if packing_pays(bundle) and bundle.spec.packing_safe else "padded"
         if kind == "shared_prompt":
-            _warn_once(f"GRPO log-probs: shared prompts are not available for this {bundle.family} model ({reason}); "
+            warn_once(f"GRPO log-probs: shared prompts are not available for this {bundle.family} model ({reason}); "
                        f"using {fallback} batches")
         kind = fallback
     return make_collator(kind, bundle)
@@ -108,9 +109,7 @@ def make_logprob_collator(kind: str, bundle):
 
 def _forward_takes(model, name: str) -> bool:
     """Whether the transformers model inside `model` (peft passes extra keywords through) takes `name`."""
-    from urt.stages.sft import _forward_takes as takes
-
-    return takes(hf_model(model), name)
+    return forward_takes(hf_model(model), name)
 
 
 def _gradient_checkpointing(model) -> bool:
@@ -137,7 +136,7 @@ class SharedPromptLogprobs:
         if reason is not None:
             raise UrtError(f"shared-prompt log-probs are not available for this {bundle.family} model: {reason}")
         self.family = bundle.family
-        self.pad_token_id = _pad_id(bundle)
+        self.pad_token_id = pad_id(bundle)
         self.rope = RopeIndex(bundle.family, bundle.model.config) if bundle.family in QWEN_FAMILIES else None
         self.collate_prompts = PaddedCollator(self.pad_token_id, padding_side="right")
         self.fallback = PaddedCollator(self.pad_token_id, padding_side="right")
@@ -212,8 +211,6 @@ class SharedPromptLogprobs:
     def forward(self, model, seqs: Sequence[Encoded], *, visual_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits at the positions that predict a completion token, (K, V), in sequence order then token
         order; the matching target ids (K,)). The caller checked `pass_blocker`."""
-        from urt.stages.grpo import _to_device
-
         prompts, rows = self._prompts(seqs)
         comps = [s.input_ids[s.prompt_length:] for s in seqs]
         width = 1 + max(len(c) for c in comps)  # the prompt's last token, then the completion
@@ -226,7 +223,7 @@ class SharedPromptLogprobs:
         inputs = model_inputs(self.collate_prompts(prompts))
         inputs["position_ids"] = prompt_pos
         prompt_mask = inputs["attention_mask"]
-        inputs = _to_device(inputs, param.device, dtype)
+        inputs = to_device(inputs, param.device, dtype)
         if visual_cache is not None:
             inputs = visual_cache.inputs_for(model, prompts, inputs)
         out = model(**inputs, use_cache=True, logits_to_keep=1)

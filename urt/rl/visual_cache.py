@@ -74,6 +74,7 @@ import torch
 from urt.data.collate import concat_visual
 from urt.data.encode import Encoded
 from urt.errors import UrtError
+from urt.models.compat import warn_once
 from urt.models.families import get_family
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,6 @@ SUPPORTED_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision")
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
 ENCODER_PARTS = ("vision", "projector")
-_WARNED: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        log.warning(msg)
-
-
 def hf_model(model):
     """The transformers `...ForConditionalGeneration` model inside a (possibly peft-wrapped) model."""
     from urt.models.loading import is_peft_model
@@ -134,9 +126,9 @@ def cache_blocker(model, family: str) -> str | None:
     """Why the visual features of `model` cannot be cached for a rollout step (None: they can)."""
     if family not in SUPPORTED_FAMILIES:
         return f"family {family!r} has no visual cache (supported: {', '.join(SUPPORTED_FAMILIES)})"
-    from urt.stages.sft import _forward_takes
+    from urt.models.compat import forward_takes
 
-    if not _forward_takes(hf_model(model), "mm_encoder_outputs"):
+    if not forward_takes(hf_model(model), "mm_encoder_outputs"):
         import transformers
 
         return (f"the installed transformers {transformers.__version__} has no `mm_encoder_outputs` argument in "
@@ -210,7 +202,7 @@ class VisualCache:
         cannot be cached: the log-prob passes then run the vision tower as usual."""
         reason = cache_blocker(model, family)
         if reason is not None:
-            _warn_once(f"visual features are not cached ({family}): {reason}; the vision tower runs in every "
+            warn_once(f"visual features are not cached ({family}): {reason}; the vision tower runs in every "
                        f"log-prob pass")
             return None
         return cls(model, family, prompts, batch_size=batch_size)
@@ -369,7 +361,7 @@ class VisualCache:
         reason = self.usable_for(model)
         if reason is not None:
             self.fallbacks += 1
-            _warn_once(f"visual cache not used for a {type(hf_model(model)).__name__} pass: {reason}; running its "
+            warn_once(f"visual cache not used for a {type(hf_model(model)).__name__} pass: {reason}; running its "
                        f"vision tower")
             return inputs
         out = {k: v for k, v in inputs.items() if k not in PIXEL_KEYS}

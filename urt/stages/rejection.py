@@ -124,11 +124,11 @@ def _check_args(k, temperature, top_p, max_new_tokens, batch_size, keep, order, 
 
 
 def _source_total(shards) -> int | None:
-    from urt.data.shards import _expected_counts, resolve_shards
+    from urt.data.shards import expected_counts, resolve_shards
 
     try:
         urls = resolve_shards(shards)
-        counts = _expected_counts(urls)
+        counts = expected_counts(urls)
     except UrtError:
         return None
     return sum(counts.values()) if len(counts) == len(urls) else None

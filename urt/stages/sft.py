@@ -24,21 +24,25 @@ generation on held-out samples (urt.generation.generate + urt.prompts.parse_outp
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
 from functools import partial
-from typing import Any, Callable
+from typing import Callable, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from urt.data.collate import model_inputs
-from urt.data.encode import IGNORE_INDEX
+from urt.data.encode import IGNORE_INDEX, supervised_mask
 from urt.errors import UrtError
+from urt.models.compat import forward_takes
+from urt.stages.base import (StageModule, StageParts, accumulation, instantiate_module, make_trainer,
+                             optimizer_partials, stage_callbacks, start)
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +69,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, *, num_training_steps: 
 
 
 # ------------------------------------------------------------------------------------------ loss
-def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: positions t whose next label (t+1) is supervised (the positions that get a loss)."""
-    nxt = labels[:, 1:] != IGNORE_INDEX
-    return torch.cat([nxt, torch.zeros_like(nxt[:, :1])], dim=1)
-
-
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference loss from full (B, L, V) logits: mean CE (fp32) over supervised next-token positions,
     and their count. `SFTModule` computes the same from the selected positions only."""
@@ -82,49 +80,7 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return F.cross_entropy(logits[mask].float(), targets, reduction="sum") / n, n
 
 
-def _forward_takes(model, name: str) -> bool:
-    try:
-        ok = name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return False
-    if ok and name == "logits_to_keep":
-        # a boolean-mask logits_to_keep raises IndexError in the Qwen2.5-VL forward of transformers 5.17
-        # (seen on a GPU machine); 5.24 is the version urt is tested with: older ones get full logits
-        import transformers
-        from packaging.version import Version
-
-        ok = Version(transformers.__version__) >= Version("5.24")
-    return ok
-
-
-def _num_batches(dm) -> int | None:
-    """Train batches in one pass over the shards, from the shard index counts (None when unknown)."""
-    from urt.data.shards import _expected_counts, read_index, resolve_shards
-
-    try:
-        urls = resolve_shards(dm.train_shards)
-    except UrtError:
-        return None
-    counts = _expected_counts(urls)
-    if len(counts) != len(urls):
-        return None
-    if dm.tasks:  # per-task counts from the index
-        from pathlib import Path
-
-        n = 0
-        for u in urls:
-            idx = read_index(Path(u).parent) or {}
-            sh = next((s for s in idx.get("shards", []) if s.get("name") == Path(u).name), None)
-            if sh is None or "tasks" not in sh:
-                return None
-            n += sum(int(sh["tasks"].get(t, 0)) for t in dm.tasks)
-    else:
-        n = sum(counts.values())
-    units = n * (2 if dm.order == "both" else 1)
-    return max(1, math.ceil(units / dm.batch_size))
-
-
-class SFTModule(L.LightningModule):
+class SFTModule(StageModule):
     """Assistant-only next-token SFT of a `ModelBundle` (see the module docstring).
 
     Args:
@@ -143,18 +99,12 @@ class SFTModule(L.LightningModule):
 
     def __init__(self, bundle, optimizer: Callable | None = None, scheduler: Callable | None = None, *,
                  total_steps: int | None = None, selected_logits: bool = True, gen_eval: dict | None = None):
-        super().__init__()
-        self.bundle = bundle
-        self.model = bundle.model
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.total_steps = total_steps
-        self.selected_logits = bool(selected_logits) and _forward_takes(self.model, "logits_to_keep")
+        super().__init__(bundle, optimizer, scheduler, total_steps=total_steps)
+        self.selected_logits = bool(selected_logits) and forward_takes(self.model, "logits_to_keep")
         self.gen_eval = dict(gen_eval or {})
         self.val_loss = MeanMetric()
         self._t_last: float | None = None
         self._tokens = 0
-        self.schedule_steps: int | None = None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning refuses norm clipping through gradient_clip_val under FSDP: the sharded module clips itself
@@ -265,39 +215,28 @@ class SFTModule(L.LightningModule):
             fmt.update(float(j.format_ok))
         return {"gen_accuracy": float(acc.compute()), "gen_format_rate": float(fmt.compute())}
 
-    # -------------------------------------------------------------------------------------- optim
-    def _schedule_steps(self) -> int:
-        if self.total_steps:
-            return int(self.total_steps)
-        tr = self.trainer
-        if tr.max_steps and tr.max_steps > 0:
-            return int(tr.max_steps)
-        dm = getattr(tr, "datamodule", None)
-        per_epoch = _num_batches(dm) if dm is not None and hasattr(dm, "train_shards") else None
-        if per_epoch is not None and tr.max_epochs and tr.max_epochs > 0:
-            per_rank = math.ceil(per_epoch / max(1, tr.world_size))
-            return max(1, math.ceil(per_rank / tr.accumulate_grad_batches) * tr.max_epochs)
-        est = tr.estimated_stepping_batches
+    # -------------------------------------------------------------------------------------- schedule
+    def steps_per_epoch(self, batches_per_rank: int) -> int:
+        return math.ceil(batches_per_rank / self.trainer.accumulate_grad_batches)
+
+    def unknown_schedule_steps(self) -> int:
+        est = self.trainer.estimated_stepping_batches
         if not math.isfinite(est):
-            raise UrtError("cannot tell how many optimizer steps the schedule spans: the train shards have no "
-                           "index.json counts; set trainer.max_steps or stage.total_steps")
+            return super().unknown_schedule_steps()
         return int(est)
 
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise UrtError("no trainable parameters (check the model's freeze_* flags)")
-        if self.optimizer_factory is None:
-            raise UrtError("SFTModule needs an optimizer partial (conf/optimizer)")
-        opt = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return opt
-        self.schedule_steps = self._schedule_steps()
-        sched = self.scheduler_factory(opt, num_training_steps=self.schedule_steps)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
-    # -------------------------------------------------------------------------------------- checkpoint
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Frozen weights (vision tower, projector) never change; keep them anyway so a Lightning
-        # checkpoint is self-contained (the HF folders are the deliverable for inference).
-        checkpoint["urt"] = {"family": self.bundle.family, "schedule_steps": self.schedule_steps}
+# ------------------------------------------------------------------------------------------ build
+def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> StageParts:
+    """The SFT stage's parts from a composed config (cfg.model, cfg.data, cfg.stage, cfg.optimizer,
+    cfg.scheduler, cfg.trainer, cfg.logger); nothing is fitted yet."""
+    out, ckpt_path, bundle = start(cfg)
+    dm = instantiate(cfg.data)
+    dm.attach(bundle)
+    module = instantiate_module(cfg, bundle=bundle, **optimizer_partials(cfg))
+    extra = {}
+    acc = accumulation(cfg)
+    if acc is not None:
+        extra["accumulate_grad_batches"] = acc
+    trainer = make_trainer(cfg, out, stage_callbacks(cfg, bundle, out, callbacks), **extra)
+    return StageParts(bundle, dm, module, trainer, ckpt_path)
