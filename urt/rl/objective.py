@@ -108,7 +108,8 @@ def _clip_binds(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high
     return ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
 
 
-def _add_kl(per_token, logp, mask, ref_logp, beta, estimator, metrics) -> torch.Tensor:
+def _add_kl(per_token: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None,
+            beta: float, estimator: str, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
     """per_token + β·KL(π‖π_ref); records the KL's token mean in metrics. β = 0 needs no reference."""
     if beta == 0:
         return per_token
@@ -121,6 +122,7 @@ def _add_kl(per_token, logp, mask, ref_logp, beta, estimator, metrics) -> torch.
 
 def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
                max_completion_length: int | None) -> torch.Tensor:
+    """The scalar loss from (N, T) per-token terms (the aggregations of `policy_loss`)."""
     tokens = mask.sum(dim=1)
     if aggregation == "paper":
         return ((per_token * mask).sum(dim=1) / tokens.clamp(min=1)).mean()
