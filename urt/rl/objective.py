@@ -191,10 +191,11 @@ def gspo_loss(
     Written in the GSPO-token form, as verl's `gspo` loss (EasyR1's `gspo_token`): per token
     s_i,t = sg[s_i]·π_t/sg[π_t], whose value is s_i and gradient s_i·∇logπ_t, so each sequence's token
     mean gives the sequence form's value and gradient (s_i·mean_t ∇logπ_t) for per-sequence advantages;
-    TRL's importance_sampling_level="sequence" computes the same. Always aggregated per sequence (the
-    paper's 1/G Σ_i; verl forces seq-mean-token-mean). Unlike verl, the log-ratio is not capped at 10
-    (the grpo variant does not cap it either). Same shapes and metrics as `policy_loss`; clip_fraction
-    counts the completion tokens of clipped sequences, as the GSPO paper reports it.
+    TRL's importance_sampling_level="sequence" with loss_type="grpo" (its GSPO recipe) computes the same.
+    Always aggregated per sequence (the paper's 1/G Σ_i; verl forces seq-mean-token-mean). Unlike verl,
+    the log-ratio is not capped at 10 (the grpo variant does not cap it either). Same shapes and metrics
+    as `policy_loss`; clip_fraction counts the completion tokens of clipped sequences, as the GSPO paper
+    reports it.
     """
     _check_shapes(logp, mask)
     mask = mask.to(logp.dtype)
