@@ -194,7 +194,7 @@ def test_qwen3_grpo_experiments_keep_the_qwen_recipe(family_dir):
 
     cfg = compose_config([exp(f"paper/{family_dir}/grpo")])
     st = cfg.stage
-    assert (st.num_generations, st.beta, st.kl_estimator, st.top_p, st.max_new_tokens) == (8, 0.04, "k3", 0.95, 4096)
+    assert (st.num_generations, st.loss.beta, st.loss.kl_estimator, st.top_p, st.max_new_tokens) == (8, 0.04, "k3", 0.95, 4096)
     assert cfg.optimizer.lr == 1e-6 and cfg.model.family == TINY[family_dir][1]
     assert cfg.model.name_or_path.endswith(f"rejection_sampling_{family_dir}/hf/final")
     tiny = compose_config([exp(f"paper/{family_dir}/grpo"), f"model={TINY[family_dir][0]}"])
@@ -207,10 +207,10 @@ def test_paper_experiment_runs_with_tiny_model(tmp_path, shards):
 
     paper = compose_config([exp("paper/qwen2_5_vl_7b/grpo")])
     st = paper.stage
-    assert (st.name, st.num_generations, st.beta, st.kl_estimator, st.temperature, st.top_p) == \
+    assert (st.name, st.num_generations, st.loss.beta, st.loss.kl_estimator, st.temperature, st.top_p) == \
         ("grpo", 8, 0.04, "k3", 1.0, 0.95)
-    assert (st.max_new_tokens, st.num_iterations, st.advantage, st.aggregation) == (4096, 1, "paper", "paper")
-    assert (st.epsilon_low, st.epsilon_high, st.filter_zero_variance) == (0.2, 0.2, False)
+    assert (st.max_new_tokens, st.num_iterations, st.advantage, st.loss.aggregation) == (4096, 1, "paper", "paper")
+    assert (st.loss.epsilon_low, st.loss.epsilon_high, st.filter_zero_variance) == (0.2, 0.2, False)
     assert paper.optimizer.lr == 1e-6 and paper.data.mode == "prompt"
     assert paper.model.name_or_path.endswith("rejection_sampling_qwen2_5_vl_7b/hf/final")
     assert str(paper.data.train_shards).endswith("rejection_sampling/qwen2_5_vl/grpo")
@@ -382,15 +382,16 @@ def test_nonfinite_reward_stops_with_checkpoint(tmp_path, shards, monkeypatch):
 
 def test_nonfinite_loss_stops_with_checkpoint(tmp_path, shards, monkeypatch):
     import urt.generation
-    import urt.stages.grpo as grpo
     from urt.errors import UrtError
     from urt.rewards import register_reward
+    from urt.rl.objective import PolicyLoss
     from urt.train import train
 
     register_reward("test_vowels", override=True)(_vowel_reward)
     monkeypatch.setattr(urt.generation, "generate", _canned_answers)
-    real = grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (lambda l, m: (l * float("inf"), m))(*real(*a, **k)))
+    real = PolicyLoss.__call__
+    monkeypatch.setattr(PolicyLoss, "__call__",
+                        lambda self, *a, **k: (lambda l, m: (l * float("inf"), m))(*real(self, *a, **k)))
     cfg = _with_weights(_cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=nanloss"), {"test_vowels": 1.0})
     with pytest.raises(UrtError, match=r"step 1\b.*loss is non-finite"):
         train(cfg)

@@ -151,7 +151,7 @@ def test_family_pipeline_has_the_paper_recipe(family_pipeline):
     assert rs.sample.max_new_tokens == (2048 if llava else 4096) and rs.sample.temperature == 1.0
     # stage 3 GRPO (METHOD.md §2): G=8, beta 0.04 k3, lr 1e-6, temperature 1, top_p, max new tokens
     g = grpo.stage
-    assert (g.num_generations, g.beta, g.kl_estimator, g.temperature) == (8, 0.04, "k3", 1.0)
+    assert (g.num_generations, g.loss.beta, g.loss.kl_estimator, g.temperature) == (8, 0.04, "k3", 1.0)
     assert g.top_p == (1.0 if llava else 0.95) and g.max_new_tokens == (2048 if llava else 4096)
     assert grpo.optimizer.lr == 1e-6 and grpo.data.mode == "prompt" and dict(grpo.reward.weights) == {
         "format": 1.0, "accuracy": 1.0}

@@ -13,7 +13,7 @@ from urt.errors import UrtError
 from urt.rl import (PolicyLoss, completion_mask, group_advantages, kl_penalty, policy_loss,
                     zero_variance_groups)
 
-LOSS_CONF = Path(__file__).resolve().parents[1] / "conf" / "loss"
+LOSS_CONF = Path(__file__).resolve().parents[1] / "conf" / "stage" / "loss"
 
 
 def ref_advantages(rewards, g, mode):

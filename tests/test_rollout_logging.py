@@ -74,16 +74,6 @@ def _train(cfg):
 
 
 # ------------------------------------------------------------------------------------ pure helpers
-def test_is_truncated():
-    from urt.stages.grpo import is_truncated
-
-    eos = 7
-    assert is_truncated([1, 2, 3, 4], eos, 4)  # used up max_new_tokens, no EOS
-    assert not is_truncated([1, 2, 3, eos], eos, 4)  # 3 tokens + EOS: finished on the last slot
-    assert not is_truncated([1, 2, eos], eos, 4)
-    assert not is_truncated([], eos, 4)  # an invalid completion
-
-
 def test_parsed_answers():
     from urt.prompts import answer_string
     from urt.rl.rollout_log import parsed_answers

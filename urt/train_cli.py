@@ -10,7 +10,8 @@ from urt.config import compose_config, to_yaml
 
 
 def _train(args: argparse.Namespace) -> int:
-    from urt.train import run_dir, train
+    from urt.stages.base import run_dir
+    from urt.train import train
 
     cfg = compose_config(args.overrides)
     if args.print_config:

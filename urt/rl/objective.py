@@ -9,7 +9,7 @@ Paper defaults: advantages `(r − mean) / (std + 1e-4)` per group with torch's 
 update per batch the old log-probs are the detached current ones (ratio ≡ 1, gradient of ratio·A is
 A·∇logπ), so clipping never binds; with μ > 1 updates the kept old log-probs make it bind.
 
-Variants of the policy loss (`PolicyLoss`, built from conf/loss/*.yaml): grpo (`policy_loss`, the
+Variants of the policy loss (`PolicyLoss`, built from conf/stage/loss/*.yaml): grpo (`policy_loss`, the
 paper's), gspo (`gspo_loss`: one clipped importance ratio per sequence) and cispo (`cispo_loss`: the
 clipped importance weight detached, every token keeps its gradient).
 """
@@ -277,7 +277,7 @@ def _number(name: str, value, default: float) -> float:
 
 
 class PolicyLoss:
-    """The GRPO stage's policy objective as a component built from config (conf/loss/*.yaml).
+    """The GRPO stage's policy objective as a component built from config (conf/stage/loss/*.yaml).
 
     variant: grpo (the paper's: `policy_loss`) | gspo (`gspo_loss`) | cispo (`cispo_loss`). beta,
     aggregation, epsilon_low and epsilon_high left None take the variant's defaults (grpo: 0.04, paper,

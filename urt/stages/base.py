@@ -439,7 +439,14 @@ def instantiate_module(cfg: DictConfig, exclude: Sequence[str] = (), **given) ->
         raise UrtError(f"stage.{unknown[0]} is not a setting of {cls.__name__} (stage={cfg.stage.get('name')}); "
                        f"its settings: {', '.join(k for k in known if k not in given)}; the run settings: "
                        f"{', '.join((*RUN_KEYS, *exclude))}")
-    return instantiate(spec, **given, _recursive_=True, _convert_="all")
+    # Components among the settings (the GRPO loss) are built by Hydra; what the builder computed (the bundle,
+    # a RewardSet, ...) goes to the constructor as it is (Hydra would copy it into an OmegaConf node).
+    kwargs = {k: instantiate(v, _convert_="all") if isinstance(v, dict) and "_target_" in v else v
+              for k, v in OmegaConf.to_container(spec, resolve=True).items() if k != "_target_"}
+    try:
+        return cls(**kwargs, **given)
+    except TypeError as e:
+        raise UrtError(f"stage ({cls.__name__}): {e}") from None
 
 
 def optimizer_partials(cfg: DictConfig) -> dict:
