@@ -9,8 +9,7 @@ Each case runs in its own process (so that each starts from a fresh heap):
           allocations; what urt did before the slabs).
 
 It prints the seconds of each part, the process's resident memory after the grounding, and the cold start's
-time relative to the fresh one. Measured on the 2-core machine of the README (2026-11-28): plain 1.24x fresh
-(RSS 4.9 GB before the cold start), slabs 0.87x (1.6 GB); in earlier one-off runs plain 1.3-1.6x, slabs ~1.05x.
+time relative to the fresh one. Results: docs/performance.md §Encoded-sample cache.
 
 Run (after `make demo`, whose run directory holds the data and the models the two steps start from):
     python benchmarks/cache_heap.py [--runs runs] [--grounding-steps 200] [--cold-start-steps 80]

@@ -13,7 +13,7 @@ What is timed (CUDA events after warm-up, one packed padding-free batch built wi
 
 Gradient checkpointing is transformers' own (non-reentrant). Its `enable_input_require_grads` hooks make
 the vision tower's patch-embedding output require grad, so a frozen tower is recomputed and
-back-propagated every step (roughly doubling the step time on an H100, 16k tokens, sdpa); the script removes
+back-propagated every step (docs/performance.md §MFU on H100 and H200); the script removes
 those hooks (`drop_input_grad_hooks`); --hf-input-grads keeps them (what `urt.models.load_model` does
 today). --profile DIR writes a torch.profiler table of one step per phase.
 

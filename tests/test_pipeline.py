@@ -137,7 +137,7 @@ def test_family_pipeline_has_the_paper_recipe(family_pipeline):
         assert sc.model.freeze_vision is True and sc.model.freeze_projector is True  # the LM trains only
     cold, rs, stage2, grpo = steps["cold_start"], steps["rs_sample"], steps["rejection_sampling"], steps["grpo"]
     assert cold.model.name_or_path == base  # stage 1 starts from the family's (size's) base checkpoint
-    # stage 1 / 2 SFT (METHOD.md §2): lr 2.5e-6 cosine warmup 3%, wd 0, batch 128, max length 13000
+    # stage 1 / 2 SFT (docs/method.md §Cold start): lr 2.5e-6 cosine warmup 3%, wd 0, batch 128, max length 13000
     for sc in (cold, stage2):
         assert sc.optimizer.lr == 2.5e-6 and sc.optimizer.weight_decay == 0.0
         assert sc.scheduler.warmup_ratio == 0.03 and sc.stage.effective_batch_size == 128
@@ -149,7 +149,7 @@ def test_family_pipeline_has_the_paper_recipe(family_pipeline):
     assert [Path(p).parent.name for p in _shards(rs, "sample.shards")] == UNIFIED
     assert rs.sample.top_p == (1.0 if llava else 0.95)
     assert rs.sample.max_new_tokens == (2048 if llava else 4096) and rs.sample.temperature == 1.0
-    # stage 3 GRPO (METHOD.md §2): G=8, beta 0.04 k3, lr 1e-6, temperature 1, top_p, max new tokens
+    # stage 3 GRPO (docs/method.md §GRPO): G=8, beta 0.04 k3, lr 1e-6, temperature 1, top_p, max new tokens
     g = grpo.stage
     assert (g.num_generations, g.loss.beta, g.loss.kl_estimator, g.temperature) == (8, 0.04, "k3", 1.0)
     assert g.top_p == (1.0 if llava else 0.95) and g.max_new_tokens == (2048 if llava else 4096)

@@ -1,4 +1,4 @@
-"""GRPO rewards (urt.rewards), checked against METHOD.md §3 and an independent regex reference."""
+"""GRPO rewards (urt.rewards), checked against docs/method.md §Rewards and an independent regex reference."""
 
 from __future__ import annotations
 

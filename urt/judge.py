@@ -10,7 +10,7 @@ A `Verdict` holds what the model's completion says (parsed with `urt.prompts.par
 scores and totals from the chain of thought, `format_ok` (the paper's format reward regex) and the raw
 text (with the chat template's assistant prefix, as the parser saw it).
 
-Position bias is the main failure of pairwise judges (DEMO-NOTES pitfall 2): `judge(samples,
+Position bias is the main failure of pairwise judges (docs/demo.md §Pitfalls, pitfall 2): `judge(samples,
 both_orders=True)` also asks with the candidates swapped and maps that verdict back to the caller's
 order (`swapped=True`: winner, scores and totals refer to the caller's candidate 1 and 2, `text` is
 the completion as written, about the order the model saw).

@@ -4,8 +4,8 @@ its own.
 Why slabs: the demo's grounding caches ~5 GB of encodings (pixel patches, 0.3 MB per image) as tens of thousands
 of tensors. Allocated one by one they land in glibc's heap (its mmap threshold grows past their size after the
 first frees), and once the fit ends and the cache is freed that heap stays, fragmented, at its peak: every later
-step of the same process (the pipeline's base, cold start, rejection sampling...) then ran ~30-40% slower
-(cold start 80 steps: 28-32 s after a cached grounding, 17-22 s fresh or after the same grounding uncached).
+step of the same process (the pipeline's base, cold start, rejection sampling...) then ran markedly slower
+(measured: docs/performance.md §Encoded-sample cache, `benchmarks/cache_heap.py`).
 Copied into 64 MB slabs, which the allocator maps and unmaps on their own (any request above glibc's 32 MB
 mmap ceiling), the cache never enters the heap, and clearing it gives its memory back to the system.
 """
@@ -92,7 +92,8 @@ class EncodedCache:
 # preceding it) and the encoded units travel to the main process's cache with their batch; the later epochs read
 # the cache in the main process (urt.data.datamodule.StreamLoader). A batch's units travel as one flat byte
 # buffer: one shared-memory transfer per batch instead of one per tensor (~130 for a demo batch). Where the worker
-# has no core of its own it is slower than encoding in the main process (2 cores: README, Costs).
+# has no core of its own it is slower than encoding in the main process
+# (2 cores: docs/performance.md §Encoded-sample cache).
 
 _FIELDS = ("input_ids", "labels", "mm_token_type_ids")
 

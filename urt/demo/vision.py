@@ -2,8 +2,8 @@
 
 A real Qwen2.5-VL's tower was pretrained (CLIP-style, then with the LM) long before any reward-model
 training; the demo's tower is random. Through the 2-layer LM alone it learns colour within the grounding
-step but not shape or motion: a captioning run needed ~2,000 steps for 80% shape (README). With a direct
-loss the same tower learns both in a few hundred steps (shape of held-out images 0.39 -> 0.95 in 500 steps
+step but not shape or motion: a captioning run needed ~2,000 steps for 80% shape (docs/demo.md §Findings). With
+a direct loss the same tower learns both in a few hundred steps (shape of held-out images 0.39 -> 0.95 in 500 steps
 of batch 32 through a linear head on its mean-pooled output tokens; the direction of a clip 0.94 after 100).
 So this step trains the tower and its merger (the projector) with one linear head per attribute on the mean of
 each visual's output tokens (what the LM reads, wherever the shape sits), from the attributes the demo data

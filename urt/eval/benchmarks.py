@@ -1,4 +1,4 @@
-"""Benchmark items, prediction files and scoring (METHOD.md §5).
+"""Benchmark items, prediction files and scoring (docs/method.md §Evaluation).
 
 `load_items(benchmark, path, root=None)` reads a benchmark's own file with the converters
 (`load_visuals=False`: labels, keys and meta only) into `Item`s. `read_predictions(path)` reads a

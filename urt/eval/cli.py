@@ -26,8 +26,8 @@ writes OUT/generations.jsonl (same format, resumable) and OUT/run.json.
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a reward model on a benchmark, or re-score a predictions file",
-        description="Evaluate pairwise judgements (METHOD.md §5): accuracy from <answer>, tau/diff for GenAI-Bench "
-                    "and VideoGen-RewardBench, VL-RewardBench overall/macro under both groupings.",
+        description="Evaluate pairwise judgements (docs/method.md §Evaluation): accuracy from <answer>, tau/diff "
+                    "for GenAI-Bench and VideoGen-RewardBench, VL-RewardBench overall/macro under both groupings.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--predictions", help="predictions JSONL to score (no model)")

@@ -1,4 +1,4 @@
-"""Evaluation metrics as torchmetrics `Metric`s (METHOD.md §5).
+"""Evaluation metrics as torchmetrics `Metric`s (docs/method.md §Evaluation).
 
 Every metric keeps integer *counts* in states registered with `dist_reduce_fx="sum"`, so a metric
 updated on several DDP ranks computes the same numbers as one updated with everything.

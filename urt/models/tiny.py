@@ -1,5 +1,5 @@
 """Tiny random models of each family, built offline from the real transformers config, model and
-processor classes (for tests, the CPU demo and smoke runs). Sizes follow shared/ENV.md §2 and §7;
+processor classes (for tests, the CPU demo and smoke runs). Sizes: docs/environment.md §Tiny models;
 each model has about 1-1.5M parameters and an image costs 16 tokens:
 
 | family | image size for 16 tokens | video |
@@ -10,7 +10,7 @@ each model has about 1-1.5M parameters and an image costs 16 tokens:
 
 A random vision tower at HF's default init (std 0.02) is effectively blind: its features barely differ
 between images. Pass `vision_init_std` (e.g. 0.1) to re-initialise the tower's weights so that images
-are distinguishable (see shared/DEMO-NOTES.md).
+are distinguishable (docs/demo.md §Pitfalls, pitfall 1).
 """
 
 from __future__ import annotations

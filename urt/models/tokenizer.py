@@ -1,16 +1,18 @@
 """A tiny offline tokenizer for the tiny random models (no hub download needed).
 
 A byte-level BPE (vocab 2048, the Qwen2 pre-tokenizer regex) trained once on a small committed corpus
-(`assets/tiny_tokenizer/corpus.txt`: the UnifiedReward-Think prompt templates, the method notes and
-synthetic judgement text) and committed as `assets/tiny_tokenizer/bpe.json`. `load_tiny_tokenizer(family)`
+(`assets/tiny_tokenizer/corpus.txt`: the UnifiedReward-Think prompt templates, the method notes of the time
+and synthetic judgement text) and committed as `assets/tiny_tokenizer/bpe.json`. `load_tiny_tokenizer(family)`
 wraps it in transformers' `Qwen2Tokenizer` with the Qwen special tokens, `<image>`/`<video>` for LLaVA, the
 `<think>`/`<answer>` tags as ordinary added tokens, and a chat template that renders like the family's
 real one.
 
 Rebuild the committed BPE from the committed corpus (deterministic):
     python -m urt.models.tokenizer --rebuild
-Regenerate the corpus itself from a folder of prompt templates (`<dir>/<set>/<task>.txt`) and the notes:
-    python -m urt.models.tokenizer --regen-corpus /work/shared/reference/prompts --notes /work/shared/METHOD.md
+Regenerate the corpus itself from a folder of prompt templates (`<dir>/<set>/<task>.txt`) and text files of notes
+(the committed corpus used the paper, qwen3 and implicit sets and the method notes now in docs/method.md; other
+inputs give another tokenizer):
+    python -m urt.models.tokenizer --regen-corpus PROMPT_DIR --notes NOTES.md ...
 """
 
 from __future__ import annotations

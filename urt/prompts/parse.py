@@ -2,7 +2,7 @@
 
 Everything here is total: model output is arbitrary text (truncated, malformed, adversarial), and a
 parser that raises would crash an evaluation or a GRPO step, so every function returns "not found"
-(None / empty) instead. The tag regexes are the paper's (METHOD.md §3) so that `format_ok` and
+(None / empty) instead. The tag regexes are the paper's (docs/method.md §Rewards) so that `format_ok` and
 `answer` agree exactly with the rewards.
 """
 

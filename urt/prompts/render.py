@@ -1,4 +1,4 @@
-"""Prompt templates and chat rendering for UnifiedReward-Think (METHOD.md §1).
+"""Prompt templates and chat rendering for UnifiedReward-Think (docs/method.md §Prompts).
 
 The templates under `templates/<set>/<task>.txt` are byte-exact copies of the released prompts; a
 model judges best on exactly the text it was trained on, so nothing here normalises whitespace or

@@ -1,4 +1,4 @@
-"""Benchmark and public pairwise formats (METHOD.md §5).
+"""Benchmark and public pairwise formats (docs/method.md §Evaluation).
 
 | format               | rows                                                     | label                        |
 |----------------------|----------------------------------------------------------|------------------------------|
@@ -42,7 +42,7 @@ _REASONING_PREFIXES = ("mathverse", "mmmu")
 
 
 def vl_rewardbench_group(item_id: str, scheme: str = "official") -> str:
-    """Category of a VL-RewardBench item from its id prefix (METHOD.md §5).
+    """Category of a VL-RewardBench item from its id prefix (docs/method.md §Evaluation).
 
     official: hallucination = hallucination_pair (POVID) + RLAIF + RLHF, reasoning = mathverse + mmmu,
     general = everything else (wildvision and the rest). official_script: as the official eval script
@@ -214,7 +214,7 @@ _ANSWER_N = re.compile(r"^answer\s*([12])(?:\s+is\s+better)?$")
 
 
 def _sharegpt_label(answer: Any, responses: list[str]) -> int:
-    """The `answer` of a ShareGPTVideo pair names the preferred response. METHOD.md leaves its
+    """The `answer` of a ShareGPTVideo pair names the preferred response. The method leaves its
     encoding open, so the unambiguous forms are accepted:
 
     * "Answer 1 is better" / "Answer 2 is better" (optionally in <answer> tags, case-insensitive,

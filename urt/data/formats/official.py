@@ -1,4 +1,4 @@
-"""The official UnifiedReward-Think training formats (METHOD.md §4): SFT JSON, GRPO JSON and the
+"""The official UnifiedReward-Think training formats (docs/data.md §Official formats): SFT JSON, GRPO JSON and the
 dataset-mixing YAML.
 
 Task and fields come from the prompt text. Each packaged template (`urt.prompts`, sets paper,
