@@ -16,7 +16,7 @@ returns, per prompt and in input order, `cfg.num_return_sequences` completions:
 * every vision placeholder / special vision token (`<|image_pad|>`, `<|video_pad|>`,
   `<|vision_start|>`, `<|vision_end|>`, `<|vision_pad|>`, `<image>`, `<video>`, and the ids the model
   config names) gets -inf logits: a sampled placeholder would break the next training forward
-  ("Image features and image tokens do not match", DEMO-NOTES pitfall 5);
+  ("Image features and image tokens do not match", docs/demo.md §Pitfalls, pitfall 5);
 * sampling settings come from `GenerationConfig` only: a checkpoint's own generation_config.json
   (Qwen's ships top_k=1, temperature 0.1, repetition_penalty 1.05) never leaks in;
 * sampling is seeded (`cfg.seed`, RNG state restored afterwards): same seed, same completions;

@@ -5,7 +5,7 @@ Packing is exact only when every sample sees positions that restart at 0 and att
 
 * `position_ids` restart per sample. transformers then builds a block-diagonal causal mask from
   them (sdpa/eager) or cu_seqlens (flash-attention), provided the batch has **no attention_mask** and
-  the forward runs with `use_cache=False` (a cache silently disables the packed mask; shared/ENV.md §3).
+  the forward runs with `use_cache=False` (a cache silently disables the packed mask; docs/environment.md §Packed inputs).
 * Qwen families take `(4, 1, T)` position ids: row 0 the text positions (what the mask is built from),
   rows 1-3 each sample's own mRoPE (temporal, height, width) positions, computed by the family's own
   `get_rope_index` on that sample alone (`rope_positions`). Running `get_rope_index` over the packed

@@ -3,8 +3,8 @@
 `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10) runs FlashAttention-2 over variable-length
 sequences given by cumulative lengths, exactly what a packed batch needs. Without it, transformers attends
 over a packed row with sdpa through a dense (sum of lengths)^2 block-diagonal mask, which falls off the flash
-backend and does ~T/L times the attention work (a 3B SFT step on an H200: 11.7% MFU with sdpa, 31.1% with
-this; README, Performance).
+backend and does ~T/L times the attention work (the measured MFU of both: docs/performance.md §MFU on H100
+and H200).
 
 `VARLEN` ("urt_varlen") is registered as a transformers attention implementation (`register()`, which
 `urt.models.loading.choose_attn_implementation` calls whenever it returns this name), so

@@ -1,4 +1,4 @@
-"""GRPO rewards: the paper's format and accuracy rewards (METHOD.md §3), an optional consistency
+"""GRPO rewards: the paper's format and accuracy rewards (docs/method.md §Rewards), an optional consistency
 reward, and a registry for user-defined ones."""
 
 from urt.rewards.core import (

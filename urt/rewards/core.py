@@ -1,4 +1,4 @@
-"""GRPO rewards (METHOD.md §3) and a registry so users can add their own.
+"""GRPO rewards (docs/method.md §Rewards) and a registry so users can add their own.
 
 Every reward has the signature `(completion: str, solution: str | None, **kwargs) -> float` and must
 never raise on any completion text (a GRPO step scores arbitrary sampled text). A bad *label* is a

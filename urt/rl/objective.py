@@ -1,4 +1,4 @@
-"""The GRPO objective of UnifiedReward-Think (METHOD.md §2) and the variants researchers ablate.
+"""The GRPO objective of UnifiedReward-Think (docs/method.md §GRPO objective) and the variants researchers ablate.
 
 Shapes: rewards (N,) with N = groups × G, completions laid out group by group (sample i belongs to
 group i // G); per-token tensors (N, T) over the completion tokens, with a 0/1 `mask`.

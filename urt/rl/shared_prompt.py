@@ -44,7 +44,7 @@ first such pass, `PromptCacheDropped`, which then runs padded too), or when a se
 `urt.stages.grpo.completion_sequence` lays it out (labels exactly the tokens after `prompt_length`, a prompt
 of >= 2 tokens ending in a text token).
 
-**What it saves** (`benchmarks/grpo_vs_trl.py`, README "Performance"): the tokens through the model per
+**What it saves** (`benchmarks/grpo_vs_trl.py`, docs/performance.md §GRPO step vs TRL): the tokens through the model per
 pass go from P·G·(prompt + completion) to P·prompt + P·G·completion; with the paper template's ~500-token
 prompts, 64-token completions and G = 4 that is a third of them.
 """

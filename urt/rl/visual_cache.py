@@ -49,14 +49,9 @@ summation order of batched matmuls can differ).
 urt's encoder gives LLaVA-OV videos as frames (images, as the official code does); the model's own video
 input (`pixel_values_videos`) is cached too when a caller builds one.
 
-**What it saves** (`benchmarks/visual_cache.py`, CPU, 2 threads, fp32, B prompts × G = 8 completions,
-two 224² images per prompt, packed; reference forward + policy forward/backward): a vision-heavy tiny
-Qwen2.5-VL (tower 8 × 256, 10M parameters; LM 2 × 128, 0.8M; 64-token completions) 2.5-2.7× per step
-(the tower was 66-69% of the normal path); the same tower with an 8 × 384 LM (24M; a tower-to-LM
-parameter ratio of 0.43, Qwen2.5-VL-3B's is 0.67B / 2.8B = 0.24) and 256-token completions, 1.27× (tower
-24% of the normal path, 4.6% with the cache). The time saved is about the tower's share of the step
-× (1 − 1/(G · passes)), passes being the log-prob passes over the step's sequences (reference, old
-policy when μ > 1, μ policy passes). The CPU is shared, so these figures are noisy (± ~20%).
+**What it saves**: about the tower's share of the step × (1 − 1/(G · passes)), passes being the log-prob
+passes over the step's sequences (reference, old policy when μ > 1, μ policy passes); measured by
+`benchmarks/visual_cache.py` (docs/performance.md §Visual features once per GRPO step).
 
 Sequences are matched to cached entries by their `visual` dict (the object `completion_sequence`
 shares between a prompt and its completions), kept alive by the cache so the identity cannot be reused;

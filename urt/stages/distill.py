@@ -1,4 +1,4 @@
-"""Stage 1 data: distil teacher chains of thought into SFT shards (METHOD.md §2, cold start).
+"""Stage 1 data: distil teacher chains of thought into SFT shards (docs/method.md §Cold start).
 
 A *teacher* judges samples and writes paper-format CoT (`<think>…</think>\\n<answer>…</answer>`):
 
@@ -6,7 +6,7 @@ A *teacher* judges samples and writes paper-format CoT (`<think>…</think>\\n<a
   vLLM/SGLang server) given the visuals as base64 data URLs before the filled CoT prompt text;
 * :class:`RuleTeacher` — no model: writes a CoT from the known label (and, when present, the known
   attributes in ``meta["attributes"]``) so that the verdict is a local consequence of the description
-  (DEMO-NOTES.md "levers"): state what each candidate shows, what the caption/question asks, match or
+  (docs/demo.md §The chain): state what each candidate shows, what the caption/question asks, match or
   mismatch, then the scores.
 
 Both have one interface, ``teacher.judge(samples, on_result=None) -> list[TeacherResult]``.

@@ -1,7 +1,7 @@
-"""Stage 2: rejection sampling (METHOD.md §2).
+"""Stage 2: rejection sampling (docs/method.md §Rejection sampling).
 
 The cold-started model writes K CoT judgements for every pair of the preference data. Each trace is
-scored with the paper's rewards (METHOD.md §3): a trace is *correct* iff format == 1 and accuracy == 1
+scored with the paper's rewards (docs/method.md §Rewards): a trace is *correct* iff format == 1 and accuracy == 1
 (its `<answer>` is exactly `answer_string(task, label)`). Pairs with at least one correct trace become
 SFT samples whose `cot` is the kept trace; pairs with none go, unchanged and without a cot, to GRPO
 (stage 3) — with `to_grpo="any_wrong"` every pair with at least one wrong trace goes there too (the paper

@@ -1,6 +1,6 @@
 """Supervised fine-tuning: stage 1 (cold start on teacher CoTs) and stage 2 (rejection-sampled CoTs).
 
-Both stages are this one LightningModule with different configs (METHOD.md §2): next-token
+Both stages are this one LightningModule with different configs (docs/method.md §Stages): next-token
 cross-entropy on the assistant tokens only, AdamW (lr 2.5e-6, weight decay 0), cosine schedule with 3 %
 linear warmup, bf16, gradient checkpointing, only the language model trained (the model config's freeze
 flags). The optimiser and scheduler are Hydra partials (`conf/optimizer`, `conf/scheduler`) bound in
