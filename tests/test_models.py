@@ -24,6 +24,7 @@ from urt.models import (
     load_model,
     save_pretrained,
 )
+from urt.models import bundle as bundle_mod
 from urt.models import loading as loading_mod
 from urt.models.tokenizer import BPE_FILE, CORPUS_FILE, bpe_to_json, load_tiny_tokenizer, train_bpe
 
@@ -355,11 +356,11 @@ def test_offline_hub_id_names_the_id(monkeypatch):
 
 
 def test_choose_attn_implementation(monkeypatch):
-    monkeypatch.setattr(loading_mod, "_flash_attn_available", lambda: True)
+    monkeypatch.setattr(bundle_mod, "_flash_attn_available", lambda: True)
     assert choose_attn_implementation("auto", "cuda") == "flash_attention_2"
     assert choose_attn_implementation("auto", torch.device("cuda", 0)) == "flash_attention_2"
     assert choose_attn_implementation("auto", "cpu") == "sdpa"
-    monkeypatch.setattr(loading_mod, "_flash_attn_available", lambda: False)
+    monkeypatch.setattr(bundle_mod, "_flash_attn_available", lambda: False)
     # no flash-attn: torch's own varlen flash kernel where this torch has it, sdpa otherwise
     monkeypatch.setattr(loading_mod.attention, "varlen_available", lambda device: True)
     assert choose_attn_implementation("auto", "cuda:0") == "urt_varlen"

@@ -388,9 +388,9 @@ def example_block(task: str, rng: random.Random) -> list[str]:
     """A format example as judging instructions show one: placeholder scores per dimension for both candidates,
     their totals and a verdict, in tags. Its "Answer 1 (7/10)" and "Answer 1: 7+5=12" lines are what a chain has
     to look past when it copies the candidates from the field lines."""
-    from urt.stages.distill import _DIMENSIONS, _NOUN
+    from urt.stages.distill import DIMENSIONS, NOUN
 
-    noun, dims = _NOUN[task], _DIMENSIONS[task][: rng.randint(1, 3)]
+    noun, dims = NOUN[task], DIMENSIONS[task][: rng.randint(1, 3)]
     scores = [[rng.randint(3, 10) for _ in dims] for _ in (1, 2)]
     return ["Example format:", "<think>",
             *(f"{d}. {name}: {noun} 1 ({a}/10) - ...; {noun} 2 ({b}/10) - ..."

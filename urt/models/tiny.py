@@ -198,7 +198,7 @@ def reinit_vision(model, family: str, std: float, generator: torch.Generator | N
 def build_tiny(family: str, *, seed: int = 0, attn_implementation: str = "auto", vision_init_std: float | None = None):
     """A randomly initialised tiny model of `family` plus its processor, as a ModelBundle.
     Same seed -> identical weights. The global torch RNG is left untouched."""
-    from urt.models.loading import ModelBundle, choose_attn_implementation
+    from urt.models.bundle import ModelBundle, choose_attn_implementation
 
     spec = get_family(family)
     model_cls = spec.model_cls()

@@ -282,14 +282,14 @@ class OpenAITeacher:
 
 
 # -------------------------------------------------------------------------------------------- rule
-_DIMENSIONS = {
+DIMENSIONS = {
     "image_generation": ("Semantic consistency", "Aesthetics", "Authenticity"),
     "video_generation": ("Semantic consistency", "Temporal coherence", "Authenticity"),
     "image_understanding": ("Semantic accuracy", "Correctness", "Clarity"),
     "video_understanding": ("Semantic accuracy", "Correctness", "Clarity"),
 }
 _CHAIN_SCORE = (10, 5, 2, 1)  # chain style: score by the number of failed checks
-_NOUN = {"image_generation": "Image", "video_generation": "Video",
+NOUN = {"image_generation": "Image", "video_generation": "Video",
          "image_understanding": "Answer", "video_understanding": "Answer"}
 _GENERIC_GOOD = {
     "Aesthetics": ("balanced composition and clean colours", "clear layout with pleasing contrast",
@@ -399,7 +399,7 @@ class RuleTeacher:
         """(description preamble or None, [rationale for candidate 1, for candidate 2])."""
         attrs = s.meta.get("attributes") if isinstance(s.meta, dict) else None
         attrs = attrs if isinstance(attrs, dict) else {}
-        noun = _NOUN[s.task]
+        noun = NOUN[s.task]
         if s.task in GENERATION_TASKS:
             asks = attrs.get("asks")
             cands = attrs.get("candidates")
@@ -476,7 +476,7 @@ class RuleTeacher:
                     and all(isinstance(c, dict) for c in cands)):
                 return None
             want = {_attr_key(a): str(v).lower() for a, v in asks.items()}
-            noun = _NOUN[s.task]
+            noun = NOUN[s.task]
             lines = [f"The caption asks for {_describe(asks)}."]
             verdicts = []
             for k, c in enumerate(cands, 1):
@@ -531,8 +531,8 @@ class RuleTeacher:
         if body is not None:
             return "\n".join(["<think>", *body, "</think>", f"<answer>{answer_string(s.task, win)}</answer>"])
         rng = random.Random(f"{self.seed}:{s.key}")
-        dims = _DIMENSIONS[s.task][: self.dimensions]  # a shorter CoT (the demo's): the first N dimensions
-        noun = _NOUN[s.task]
+        dims = DIMENSIONS[s.task][: self.dimensions]  # a shorter CoT (the demo's): the first N dimensions
+        noun = NOUN[s.task]
         rows = self._scores(rng, win, len(dims), s.task)
         pre, content = self._content_rationales(s, win)
         lines = ["<think>"]

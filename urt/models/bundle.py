@@ -1,0 +1,65 @@
+"""The model bundle every layer passes around (model, processor, family), and the choice of device and
+attention implementation a model is built with (`urt.models.loading` and `urt.models.tiny` both need them)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from urt.models import attention
+from urt.models.families import FamilySpec, get_family
+
+
+@dataclass
+class ModelBundle:
+    model: Any
+    processor: Any
+    family: str
+
+    @property
+    def spec(self) -> FamilySpec:
+        return get_family(self.family)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+# ---------------------------------------------------------------------------------------------- attn
+
+
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return str(device).startswith("cuda")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" -> the current CUDA device when one is visible, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def choose_attn_implementation(requested: str | None = "auto", device: str | torch.device = "cpu") -> str:
+    """"auto" on CUDA -> "flash_attention_2" when flash_attn is importable, else torch's own varlen flash
+    kernel (`urt.models.attention.VARLEN`) when this torch has it, else "sdpa"; "auto" on CPU -> "sdpa".
+    Any other value passes through unchanged ("urt_varlen" included)."""
+    chosen = requested
+    if requested is None or requested == "auto":
+        if not _is_cuda(device):
+            chosen = "sdpa"
+        elif _flash_attn_available():
+            chosen = "flash_attention_2"
+        else:
+            chosen = attention.VARLEN if attention.varlen_available(device) else "sdpa"
+    if chosen in (attention.VARLEN, attention.VISION_VARLEN):
+        attention.register()  # before transformers validates the name
+    return chosen
