@@ -1,4 +1,4 @@
-"""urt.serve: the OpenAI-compatible judge server (tiny qwen2_5_vl model, CPU, 127.0.0.1 only).
+"""urt.serve (package): the OpenAI-compatible judge server (tiny qwen2_5_vl model, CPU, 127.0.0.1 only).
 
 The official `openai` client talks to it; a bounded concurrent load (64 requests, 8 in flight) must be
 answered without errors and be batched; malformed requests get 4xx JSON errors and the server keeps
@@ -27,7 +27,10 @@ from urt.data.schema import Sample
 from urt.models import load_model
 from urt.models.tiny import tiny_processor
 from urt.prompts import render_text
-from urt.serve import JudgeServer, RequestError, encode_messages, register
+from urt.serve.cli import register
+from urt.serve.errors import RequestError
+from urt.serve.request import encode_messages
+from urt.serve.server import JudgeServer
 
 openai = pytest.importorskip("openai")
 
@@ -315,14 +318,18 @@ def test_register_cli():
     assert (args.host, args.port, args.max_batch_size, args.max_new_tokens) == ("127.0.0.1", 0, 4, 16)
 
 
-def test_finish_reason_and_token_counts_from_generated_ids(bundle):
-    srv = JudgeServer(bundle, max_new_tokens=4)
-    tok = bundle.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    srv._stops = [im_end]
-    a, b = tok("hello world", add_special_tokens=False)["input_ids"], tok(" judge", add_special_tokens=False)["input_ids"]
-    srv._recorder.records.append([a + [im_end] + [0] * 3, (b * 4)[:4]])
-    counts = srv._token_counts(4)
-    assert counts[tok.decode(a)] == (len(a) + 1, "stop")
-    assert counts[tok.decode((b * 4)[:4])] == (4, "length")
-    assert srv._recorder.records == []
+def test_finish_reason_and_token_counts_from_completion_ids(bundle):
+    """usage.completion_tokens and finish_reason come from each Completion's ids / finish_reason."""
+    from urt.generation import Completion
+
+    def fixed(b, prompts, cfg, **kw):
+        return [[Completion("done", [11, 12, 13], "stop"), Completion("cut", [7] * cfg.max_new_tokens, "length")]
+                for _ in prompts]
+
+    with JudgeServer(bundle, model_name="m", max_new_tokens=4, generate_fn=fixed) as srv:
+        status, data = post_raw(srv.url, json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}))
+    assert status == 200
+    assert [(c["message"]["content"], c["finish_reason"]) for c in data["choices"]] == [("done", "stop"),
+                                                                                      ("cut", "length")]
+    assert data["usage"]["completion_tokens"] == 3 + 4
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 7
