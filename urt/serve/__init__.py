@@ -7,9 +7,14 @@ urt's own batched `urt.generation.generate`, so a trained checkpoint can be quer
 released models are.
 
 * `urt.serve.request`: chat messages -> a prompt-mode `Encoded`, and the sampling fields;
+* `urt.serve.media`: image / video URLs (data URLs; paths under `--media-root`) -> decoded visuals;
+* `urt.serve.limits`: the per-request limits (`Limits`) and their refusals;
+* `urt.serve.auth`: API keys (`Authorization: Bearer`), per-key concurrency, the exposure check;
 * `urt.serve.batching`: the worker that batches queued requests into `generate()` calls;
 * `urt.serve.server`: `JudgeServer`, the endpoints and the HTTP handler;
 * `urt.serve.cli`: the `urt serve` command.
+
+docs/serve.md is the operator's guide: running it on a cluster node safely.
 """
 
 from urt.lazy import lazy_exports
@@ -17,8 +22,10 @@ from urt.lazy import lazy_exports
 # Resolved on first use: `urt --help` registers `urt.serve.cli` without importing the server.
 __getattr__, __all__ = lazy_exports(__name__, {
     "urt.serve.errors": ("RequestError",),
-    "urt.serve.request": ("SamplingParams", "decode_data_url", "encode_messages", "parse_messages",
-                          "parse_sampling"),
+    "urt.serve.request": ("SamplingParams", "encode_messages", "parse_messages", "parse_sampling"),
+    "urt.serve.media": ("MediaReader",),
+    "urt.serve.limits": ("Limits",),
+    "urt.serve.auth": ("KeyRing", "collect_keys", "read_key_file"),
     "urt.serve.batching": ("Batcher",),
     "urt.serve.server": ("JudgeServer",),
     "urt.serve.cli": ("register",),

@@ -1,36 +1,36 @@
 """Request -> model input: OpenAI chat messages to a prompt-mode `Encoded`, and the sampling fields.
 
 OpenAI messages (roles system / developer / user / assistant; content a string or a list of
-`{"type": "text"}` and `{"type": "image_url"}` parts, images only in user turns, only
-`data:image/...;base64,` URLs: nothing is fetched) become
+`{"type": "text"}`, `{"type": "image_url"}` and `{"type": "video_url"}` parts, visuals only in user turns;
+see `urt.serve.media` for the URLs accepted and how they are read) become
 
-* Qwen families: chat messages with `{"type": "image"}` items and text items in the order given, run
-  through the processor's own chat template (no system message added, as `urt.prompts.render_chat`);
+* Qwen families: chat messages with `{"type": "image"}` / `{"type": "video"}` items and text items in the
+  order given, run through the processor's own chat template (no system message added, as
+  `urt.prompts.render_chat`); a video goes to the processor with its kept frames' rate and
+  `do_sample_frames=False`, as `urt.data.encode` passes dataset videos;
 * llava_onevision: LLaVA's `qwen_1_5` ChatML, rendered here with the constants of `urt.prompts.render`
   (system turn "You are a helpful assistant." unless the request has one; per user turn the image tokens
   first, `<image>\\n <image>\\n` for exactly two images, else `<image>\\n` per image/frame, then the
-  text), images passed to the processor as one nested list (one multi-image prompt).
+  text; a video's frames count as images, as the official video scripts send them), images passed to the
+  processor as one nested list (one multi-image prompt).
 
 The result is a prompt-mode `urt.data.encode.Encoded` (all labels -100, `meta["assistant_prefix"]` the
 text the chat template opened the assistant turn with, e.g. Qwen3.5's `<think>\\n`), so `generate()`
-batches it like any dataset prompt.
+batches it like any dataset prompt. Every count and size limit (`urt.serve.limits.Limits`) is checked
+while parsing, before anything is decoded or tokenised.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from urt.errors import UrtError
 from urt.serve.errors import RequestError
+from urt.serve.limits import Limits
+from urt.serve.media import Clip, MediaReader, PixelBudget
 
 ROLES = ("system", "developer", "user", "assistant")
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
-MAX_N = 16
-_DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 # Request fields we cannot honour: refusing them beats silently ignoring them.
 _UNSUPPORTED = {
     "stream": "streaming is not supported; send stream=false (or leave it out)",
@@ -41,56 +41,27 @@ _UNSUPPORTED = {
 }
 
 
-
-
-def decode_data_url(url: Any, *, where: str = "image_url"):
-    """A `data:image/...;base64,...` URL -> RGB PIL image; anything else -> RequestError (400)."""
-    from urt.data.schema import load_image
-
-    if not isinstance(url, str) or not url:
-        raise RequestError(f"{where}: the image url must be a non-empty string", param=where)
-    head = url[:16].lower()
-    if head.startswith(("http://", "https://", "file:", "ftp://")):
-        raise RequestError(
-            f"{where}: only base64 data URLs (data:image/png;base64,...) are accepted; this server fetches "
-            f"nothing from the network or disk (got {url[:40]!r}...)", param=where, code="unsupported_image_url")
-    m = _DATA_URL.match(url)
-    if m is None:
-        raise RequestError(f"{where}: not a data URL (expected data:image/<type>;base64,<data>)", param=where)
-    mime = m.group("mime").strip().lower()
-    params = [p.strip().lower() for p in m.group("params").split(";") if p.strip()]
-    if mime and not mime.startswith("image/"):
-        raise RequestError(f"{where}: data URL media type {mime!r} is not an image", param=where)
-    if "base64" not in params:
-        raise RequestError(f"{where}: the data URL must be base64-encoded (data:image/png;base64,...)", param=where)
-    data = re.sub(r"\s+", "", m.group("data"))
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(f"{where}: invalid base64 image data ({err})", param=where,
-                           code="invalid_image") from None
-    if not raw:
-        raise RequestError(f"{where}: empty image data", param=where, code="invalid_image")
-    try:
-        return load_image(raw, where=where)
-    except UrtError as err:
-        raise RequestError(str(err), param=where, code="invalid_image") from None
-
-
 @dataclass
 class _Turn:
     role: str
-    parts: list  # ("text", str) | ("image", PIL.Image)
+    parts: list  # ("text", str) | ("image", PIL.Image) | ("video", Clip)
 
 
-def parse_messages(messages: Any, *, max_images: int = 64) -> list[_Turn]:
-    """Validate OpenAI chat messages and decode their images."""
+def parse_messages(messages: Any, *, limits: Limits | None = None, media: MediaReader | None = None) -> list[_Turn]:
+    """Validate OpenAI chat messages and decode their visuals with `media` (default: data URLs only,
+    under `limits`)."""
+    limits = limits or (media.limits if media is not None else Limits())
+    media = media or MediaReader(limits)
     if messages is None:
         raise RequestError("'messages' is required", param="messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
+    for kind, name in (("image_url", "max_images"), ("video_url", "max_videos")):
+        count = _count_parts(messages, kind)
+        if count > getattr(limits, name):  # counted before any visual is decoded
+            raise limits.refuse(name, f"{count} {kind} parts in one request", param="messages")
+    budget = PixelBudget(limits)
     turns: list[_Turn] = []
-    n_images = 0
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -117,24 +88,30 @@ def parse_messages(messages: Any, *, max_images: int = 64) -> list[_Turn]:
                     if not isinstance(text, str):
                         raise RequestError(f"{pw}.text must be a string", param=pw)
                     parts.append(("text", text))
-                elif kind == "image_url":
+                elif kind in ("image_url", "video_url"):
+                    visual = kind.removesuffix("_url")
                     if role != "user":
-                        raise RequestError(f"{pw}: images are only accepted in user messages", param=pw)
-                    spec = part.get("image_url")
+                        raise RequestError(f"{pw}: {visual}s are only accepted in user messages", param=pw)
+                    spec = part.get(kind)
                     url = spec.get("url") if isinstance(spec, dict) else spec
-                    n_images += 1
-                    if n_images > max_images:
-                        raise RequestError(f"too many images in one request (limit {max_images})", param=pw)
-                    parts.append(("image", decode_data_url(url, where=f"{pw}.image_url")))
+                    if kind == "image_url":
+                        parts.append(("image", media.image(url, f"{pw}.image_url", budget)))
+                    else:
+                        parts.append(("video", media.video(url, f"{pw}.video_url", budget)))
                 else:
                     raise RequestError(
-                        f"{pw}: content part type {kind!r} is not supported; use 'text' or 'image_url' "
-                        f"(send video frames as several image_url parts)", param=pw)
+                        f"{pw}: content part type {kind!r} is not supported; use 'text', 'image_url' or "
+                        f"'video_url' (or send video frames as several image_url parts)", param=pw)
         else:
             raise RequestError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
         turns.append(_Turn(role, parts))
     return turns
+
+
+def _count_parts(messages: list, kind: str) -> int:
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == kind)
 
 
 def _text_of(parts: list) -> str:
@@ -149,48 +126,64 @@ def _llava_prompt(turns: list[_Turn]) -> tuple[str, list]:
     if not turns or turns[0].role != "system":
         text += f"{IM_START}system\n{LLAVA_SYSTEM}{IM_END}\n"
     for t in turns:
-        imgs = [p for k, p in t.parts if k == "image"]
+        imgs = [f for k, p in t.parts if k in ("image", "video") for f in (p.frames if k == "video" else [p])]
         tokens = LLAVA_IMAGE_PAIR if len(imgs) == 2 else LLAVA_IMAGE * len(imgs)
         images += imgs
         text += f"{IM_START}{t.role}\n{tokens}{_text_of(t.parts)}{IM_END}\n"
     return text + f"{IM_START}assistant\n", images
 
 
-def _qwen_messages(turns: list[_Turn]) -> tuple[list, list]:
+def _qwen_messages(turns: list[_Turn]) -> tuple[list, list, list[Clip]]:
     messages: list = []
     images: list = []
+    videos: list[Clip] = []
     for t in turns:
         items = []
         for kind, p in t.parts:
             if kind == "image":
                 images.append(p)
                 items.append({"type": "image"})
+            elif kind == "video":
+                videos.append(p)
+                items.append({"type": "video"})
             else:
                 items.append({"type": "text", "text": p})
         messages.append({"role": t.role, "content": items})
-    return messages, images
+    return messages, images, videos
 
 
-def encode_messages(bundle, messages: Any, *, key: str = "request", max_images: int = 64,
-                    max_prompt_tokens: int | None = None):
+def _video_kwargs(videos: list[Clip]) -> dict:
+    from transformers.video_utils import VideoMetadata
+
+    frames = [list(v.frames) for v in videos]
+    return {"videos": frames, "do_sample_frames": False, "video_metadata": [
+        VideoMetadata(total_num_frames=len(f), fps=v.fps, frames_indices=list(range(len(f))),
+                      width=f[0].width, height=f[0].height, duration=len(f) / v.fps)
+        for f, v in zip(frames, videos)]}
+
+
+def encode_messages(bundle, messages: Any, *, key: str = "request", limits: Limits | None = None,
+                    media: MediaReader | None = None):
     """OpenAI chat messages -> a prompt-mode `Encoded` for `bundle` (see the module docstring).
-    Raises RequestError (400) for anything the client got wrong."""
+    Raises RequestError (4xx) for anything the client got wrong or that is over `limits`."""
     import torch
 
     from urt.data.encode import IGNORE_INDEX, Encoded
     from urt.prompts.render import _assistant_prefix
 
-    turns = parse_messages(messages, max_images=max_images)
+    limits = limits or (media.limits if media is not None else Limits())
+    turns = parse_messages(messages, limits=limits, media=media)
     family = bundle.family
     processor = bundle.processor
     kw: dict[str, Any] = {}
+    n_videos = 0
     if family == "llava_onevision":
         text, images = _llava_prompt(turns)
         if images:
             kw["images"] = [images]
         prefix = ""
     else:
-        msgs, images = _qwen_messages(turns)
+        msgs, images, videos = _qwen_messages(turns)
         try:
             text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # noqa: BLE001 - jinja raises TemplateError etc. for odd conversations
@@ -198,6 +191,9 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", max_images: 
                                f"({type(err).__name__}: {err})", param="messages") from None
         if images:
             kw["images"] = images
+        if videos:
+            kw.update(_video_kwargs(videos))
+            n_videos = len(videos)
         prefix = _assistant_prefix(text)
     try:
         out = processor(text=[text], return_tensors="pt", **kw)
@@ -205,9 +201,9 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", max_images: 
         raise RequestError(f"the {family} processor could not encode this request "
                            f"({type(err).__name__}: {err})", param="messages") from None
     input_ids = out["input_ids"][0].long()
-    if max_prompt_tokens is not None and len(input_ids) > max_prompt_tokens:
-        raise RequestError(f"the prompt is {len(input_ids)} tokens (images included), more than this server's "
-                           f"limit of {max_prompt_tokens}", param="messages", code="context_length_exceeded")
+    if limits.max_prompt_tokens is not None and len(input_ids) > limits.max_prompt_tokens:
+        raise limits.refuse("max_prompt_tokens", f"the prompt is {len(input_ids)} tokens (images and videos "
+                            f"included)", param="messages", code="context_length_exceeded")
     mm = out.get("mm_token_type_ids")
     mm = mm[0].long() if mm is not None else None
     if mm is None and family in QWEN_FAMILIES:
@@ -217,7 +213,8 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", max_images: 
     return Encoded(key=key, task="chat", label="", input_ids=input_ids,
                    labels=torch.full_like(input_ids, IGNORE_INDEX), visual=visual, mm_token_type_ids=mm,
                    prompt_length=int(input_ids.shape[0]),
-                   meta={"assistant_prefix": prefix, "mode": "prompt", "n_images": len(images)})
+                   meta={"assistant_prefix": prefix, "mode": "prompt", "n_images": len(images),
+                         "n_videos": n_videos})
 
 
 @dataclass(frozen=True)
@@ -252,21 +249,25 @@ def _number(body: dict, name: str, default, *, kind=float, lo=None, hi=None, lo_
     return value
 
 
-def parse_sampling(body: dict, *, default_max_tokens: int, max_tokens_limit: int, default_temperature: float,
-                   default_top_p: float, default_seed: int | None) -> SamplingParams:
+def parse_sampling(body: dict, *, default_max_tokens: int, default_temperature: float, default_top_p: float,
+                   default_seed: int | None, limits: Limits | None = None) -> SamplingParams:
+    limits = limits or Limits()
     for name, why in _UNSUPPORTED.items():
         v = body.get(name)
         if v not in (None, False, [], ""):
             raise RequestError(f"'{name}': {why}", param=name, code="unsupported_parameter")
     mt = body.get("max_completion_tokens")
     name = "max_completion_tokens" if mt is not None else "max_tokens"
-    max_tokens = _number(body, name, default_max_tokens, kind=int, lo=1, hi=max_tokens_limit)
+    max_tokens = int(_number(body, name, default_max_tokens, kind=int, lo=1))
+    if max_tokens > limits.max_tokens:
+        raise limits.refuse("max_tokens", f"'{name}' is {max_tokens}", param=name)
+    n = int(_number(body, "n", 1, kind=int, lo=1))
+    if n > limits.max_n:
+        raise limits.refuse("max_n", f"'n' is {n}", param="n")
     return SamplingParams(
-        max_tokens=int(max_tokens),
+        max_tokens=max_tokens,
         temperature=float(_number(body, "temperature", default_temperature, lo=0.0, hi=2.0)),
         top_p=float(_number(body, "top_p", default_top_p, lo=0.0, hi=1.0, lo_open=True)),
-        n=int(_number(body, "n", 1, kind=int, lo=1, hi=MAX_N)),
+        n=n,
         seed=_number(body, "seed", default_seed, kind=int, lo=-(2 ** 63), hi=2 ** 64 - 1),
     )
-
-
