@@ -39,6 +39,7 @@ from urt.serve.auth import collect_keys, is_loopback, read_key_file
 from urt.serve.cli import register
 from urt.serve.errors import RequestError
 from urt.serve.limits import Limits
+from urt.serve.media import MediaReader
 from urt.serve.request import encode_messages
 from urt.serve.server import JudgeServer
 
@@ -569,6 +570,9 @@ def test_media_paths_only_inside_the_root(bundle, server, tmp_path):
                 assert data["error"]["param"] == "messages[0].content[0].image_url", data
         assert time.perf_counter() - t0 < 30  # the FIFO did not hang the open
         assert call(srv.url, body=chat(visual_msg(video_url(3), kind="video_url")))[0] == 200
+    with pytest.raises(RequestError, match="swapped in") as refused:  # a symlink met on the walk: not followed
+        MediaReader._open_below(root, ("link_in.png",), "link_in.png", "image_url")
+    assert refused.value.status == 403
     status, _, data = call(server.url, body=chat(visual_msg(str(root / "a.png"))))  # no media root
     assert status == 400 and "no --media-root" in data["error"]["message"]
     assert call(server.url, body=chat(visual_msg(data_url(IMG1))))[0] == 200

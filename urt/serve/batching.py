@@ -52,7 +52,8 @@ class Batcher:
         self._running = False
         self._thread: threading.Thread | None = None
         self._stats_lock = threading.Lock()
-        self._batch_sizes: deque[int] = deque(maxlen=100_000)
+        self._batch_sizes: deque[int] = deque(maxlen=100_000)  # the most recent ones
+        self._batches = 0
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -81,9 +82,10 @@ class Batcher:
     def stats(self) -> dict:
         with self._stats_lock:
             sizes = list(self._batch_sizes)
+            batches = self._batches
         with self._cond:
             queued = len(self._pending)
-        return {"batches": len(sizes), "batch_sizes": sizes, "max_batch_size_seen": max(sizes, default=0),
+        return {"batches": batches, "batch_sizes": sizes, "max_batch_size_seen": max(sizes, default=0),
                 "mean_batch_size": (sum(sizes) / len(sizes)) if sizes else 0.0, "queued": queued}
 
     def submit(self, encoded, params: SamplingParams) -> Job:
@@ -144,6 +146,7 @@ class Batcher:
             self._generate(batch)
             with self._stats_lock:
                 self._batch_sizes.append(len(batch))
+                self._batches += 1
         except Exception as err:  # noqa: BLE001 - a failure answers the requests, not the process
             if len(batch) > 1:  # find the culprit: the others still get their answers
                 for job in batch:

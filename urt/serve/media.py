@@ -190,9 +190,9 @@ class MediaReader:
         except FileNotFoundError:
             raise RequestError(f"{where}: {path!r} not found", param=where, code="invalid_media_path") from None
         except OSError as err:
-            if err.errno == errno.ELOOP:  # resolved above, so a symlink here was swapped in (or loops)
-                raise RequestError(f"{where}: {path!r} leads through a symlink that was not there when it was "
-                                   f"checked", status=403, param=where, code="media_path_forbidden") from None
+            if err.errno == errno.ELOOP:  # the path was resolved above: this symlink was swapped in, or loops
+                raise RequestError(f"{where}: {path!r} leads through a symlink that was swapped in after the check "
+                                   f"or loops", status=403, param=where, code="media_path_forbidden") from None
             if err.errno == errno.ENOTDIR:
                 raise RequestError(f"{where}: {path!r}: a component of the path is not a directory", param=where,
                                    code="invalid_media_path") from None
@@ -261,10 +261,12 @@ class MediaReader:
             raise RequestError(f"{where}: the video has no frames", param=where, code="invalid_video")
         keep = sample_indices(n, frames=lim.video_frames)
         budget.take(len(keep) * width * height, where)
-        frames = self._frames(raw, keep)
-        if len(frames) < len(keep):  # fewer decodable frames than packets: resample over what decodes
-            keep = sample_indices(len(self._frames(raw, None)), frames=lim.video_frames)
-            frames = self._frames(raw, keep)
+        frames, decoded = self._frames(raw, keep)
+        if len(frames) < len(keep):  # fewer decodable frames than packets: resample over those that decode
+            keep = sample_indices(decoded, frames=lim.video_frames) if decoded else []
+            frames, _ = self._frames(raw, keep)
+        if not frames:
+            raise RequestError(f"{where}: no frame of the video decodes", param=where, code="invalid_video")
         extra = sum(f.width * f.height for f in frames) - len(keep) * width * height
         if extra > 0:  # frames larger than the stream header said
             budget.take(extra, where)
@@ -272,20 +274,19 @@ class MediaReader:
         return Clip(frames=frames, fps=fps)
 
     @staticmethod
-    def _frames(raw: bytes, keep: list[int] | None) -> list:
-        """The frames at indices `keep` as RGB images (None: only count them, return placeholders)."""
+    def _frames(raw: bytes, keep: list[int]) -> tuple[list, int]:
+        """(the frames at indices `keep` as RGB images, how many frames were decoded): decoding stops at
+        the last kept frame, so the count is the video's length only when some kept frame was missing."""
         import av
 
-        wanted = set(keep) if keep is not None else None
-        last = max(keep) if keep else -1
+        wanted, last = set(keep), max(keep, default=-1)
         out = []
+        decoded = 0
         with av.open(io.BytesIO(raw)) as c:
             for i, frame in enumerate(c.decode(c.streams.video[0])):
-                if wanted is None:
-                    out.append(None)
-                    continue
+                decoded = i + 1
                 if i in wanted:
                     out.append(frame.to_image().convert("RGB"))
                 if i >= last:
                     break
-        return out
+        return out, decoded
