@@ -1,9 +1,14 @@
-"""urt.serve: the OpenAI-compatible judge server (tiny qwen2_5_vl model, CPU, 127.0.0.1 only).
+"""urt.serve (package): the OpenAI-compatible judge server (tiny qwen2_5_vl model, CPU, 127.0.0.1 only).
 
 The official `openai` client talks to it; a bounded concurrent load (64 requests, 8 in flight) must be
 answered without errors and be batched; malformed requests get 4xx JSON errors and the server keeps
 serving; a failing generation is a 500 for the culprit only. Request -> model input matches
-`SampleEncoder(mode="prompt")` token for token for the released prompt layout (Qwen and LLaVA)."""
+`SampleEncoder(mode="prompt")` token for token for the released prompt layout (Qwen and LLaVA).
+
+Safe exposure (#33): API keys (none / wrong / right, from a key file; the `openai` client's `api_key=`),
+media paths only inside `--media-root` (`..`, outside, symlinks out, FIFOs and directories refused), every
+per-request limit just under and just over, per-key concurrency (429 for one key while another's requests
+succeed), and the refusal to serve a non-loopback host without a key under `--require-key`."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -23,11 +29,19 @@ import torch
 from PIL import Image
 
 from urt.data.encode import SampleEncoder
+from urt.data.video import encode_video
 from urt.data.schema import Sample
 from urt.models import load_model
+from urt.errors import UrtError
 from urt.models.tiny import tiny_processor
 from urt.prompts import render_text
-from urt.serve import JudgeServer, RequestError, encode_messages, register
+from urt.serve.auth import collect_keys, is_loopback, read_key_file
+from urt.serve.cli import register
+from urt.serve.errors import RequestError
+from urt.serve.limits import Limits
+from urt.serve.media import MediaReader
+from urt.serve.request import encode_messages
+from urt.serve.server import JudgeServer
 
 openai = pytest.importorskip("openai")
 
@@ -315,14 +329,326 @@ def test_register_cli():
     assert (args.host, args.port, args.max_batch_size, args.max_new_tokens) == ("127.0.0.1", 0, 4, 16)
 
 
-def test_finish_reason_and_token_counts_from_generated_ids(bundle):
-    srv = JudgeServer(bundle, max_new_tokens=4)
-    tok = bundle.tokenizer
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    srv._stops = [im_end]
-    a, b = tok("hello world", add_special_tokens=False)["input_ids"], tok(" judge", add_special_tokens=False)["input_ids"]
-    srv._recorder.records.append([a + [im_end] + [0] * 3, (b * 4)[:4]])
-    counts = srv._token_counts(4)
-    assert counts[tok.decode(a)] == (len(a) + 1, "stop")
-    assert counts[tok.decode((b * 4)[:4])] == (4, "length")
-    assert srv._recorder.records == []
+def test_finish_reason_and_token_counts_from_completion_ids(bundle):
+    """usage.completion_tokens and finish_reason come from each Completion's ids / finish_reason."""
+    from urt.generation import Completion
+
+    def fixed(b, prompts, cfg, **kw):
+        return [[Completion("done", [11, 12, 13], "stop"), Completion("cut", [7] * cfg.max_new_tokens, "length")]
+                for _ in prompts]
+
+    with JudgeServer(bundle, model_name="m", max_new_tokens=4, generate_fn=fixed) as srv:
+        status, data = post_raw(srv.url, json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}))
+    assert status == 200
+    assert [(c["message"]["content"], c["finish_reason"]) for c in data["choices"]] == [("done", "stop"),
+                                                                                      ("cut", "length")]
+    assert data["usage"]["completion_tokens"] == 3 + 4
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + 7
+
+
+# ------------------------------------------------------------------------------- safe exposure (#33)
+
+
+KEY_A, KEY_B = "urt-test-key-alpha-0123456789", "urt-test-key-beta-9876543210"
+TEXT = [{"role": "user", "content": "Which is better?"}]
+
+
+def call(url: str, method: str = "POST", path: str = "/v1/chat/completions", body=None, key: str | None = None,
+         headers: dict | None = None):
+    """(status, response headers, parsed JSON) of one request; `key` is sent as a Bearer token."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    if not isinstance(body, (bytes, type(None))):
+        body = (body if isinstance(body, str) else json.dumps(body)).encode()
+    try:
+        conn.request(method, path, body=body, headers=h)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), json.loads(resp.read().decode())
+    finally:
+        conn.close()
+
+
+def chat(messages=None, **fields) -> dict:
+    return {"messages": messages or TEXT, "max_tokens": 1, **fields}
+
+
+def visual_msg(*urls: str, kind: str = "image_url", text: str = "ok?") -> list[dict]:
+    return [{"role": "user", "content": [*({"type": kind, kind: {"url": u}} for u in urls),
+                                         {"type": "text", "text": text}]}]
+
+
+def video_url(n_frames: int, size=(32, 32)) -> str:
+    frames = [Image.new("RGB", size, (30 * i % 256, 60, 90)) for i in range(n_frames)]
+    return "data:video/mp4;base64," + base64.b64encode(encode_video(frames, fps=8)).decode("ascii")
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def assert_refused(result, status: int, limit: str, value) -> None:
+    got, _, data = result
+    assert got == status, data
+    msg = data["error"]["message"]
+    assert f"{limit}={value}" in msg and "--" in msg, msg
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle, tmp_path_factory):
+    """A server whose keys come from a key file (a comment, a blank line, padded lines)."""
+    key_file = tmp_path_factory.mktemp("keys") / "judge.keys"
+    key_file.write_text(f"# judge keys\n\n{KEY_A}\n  {KEY_B}  \n")
+    keys = collect_keys(files=[key_file], environ={})
+    assert keys == [KEY_A, KEY_B]
+    srv = JudgeServer(bundle, model_name="urt-tiny", max_new_tokens=2, api_keys=keys,
+                      limits=Limits(max_concurrent_per_key=2))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+
+
+def test_api_key_required_everywhere_but_health(keyed):
+    url = keyed.url
+    assert call(url, "GET", "/health")[::2] == (200, {"status": "ok"})
+    assert call(url, "GET", "/health", key="wrong")[0] == 200
+    for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", chat()),
+                               ("GET", "/nowhere", None), ("POST", "/v1/models", b"{}")]:
+        for key in (None, "wrong", KEY_A + "x", KEY_A[:-1]):
+            status, headers, data = call(url, method, path, body, key=key)
+            assert status == 401, (method, path, key, data)
+            assert data["error"]["code"] == "invalid_api_key" and headers["WWW-Authenticate"].startswith("Bearer")
+            assert KEY_A not in json.dumps(data) and KEY_B not in json.dumps(data)
+    for header in (f"Basic {KEY_A}", KEY_A, "Bearer "):
+        assert call(url, body=chat(), headers={"Authorization": header})[0] == 401
+    for key in (KEY_A, KEY_B):
+        status, _, data = call(url, body=chat(), key=key)
+        assert status == 200 and data["usage"]["completion_tokens"] == 1
+    models = call(url, "GET", "/v1/models", headers={"Authorization": f"bearer {KEY_B}"})[2]
+    assert models["data"][0]["id"] == "urt-tiny"
+    assert keyed.stats()["unauthorized"] >= 16
+
+
+def test_openai_client_api_key(keyed):
+    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY_B, max_retries=0, timeout=60)
+    r = good.chat.completions.create(model="urt-tiny", messages=TEXT, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length") and 1 <= r.usage.completion_tokens <= 2
+    assert [m.id for m in good.models.list().data] == ["urt-tiny"]
+    bad = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sk-not-this-one", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        bad.chat.completions.create(model="urt-tiny", messages=TEXT, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_concurrency_per_key_429_while_other_keys_are_served(keyed):
+    """Two of key A's requests held in flight (body half sent): A's third gets 429 + Retry-After, key B is
+    still answered, and A is answered again once its requests complete."""
+    host, port = keyed.url.removeprefix("http://").split(":")
+    body = json.dumps(chat()).encode()
+    held = []
+    for _ in range(2):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.putrequest("POST", "/v1/chat/completions")
+        for name, value in (("Authorization", f"Bearer {KEY_A}"), ("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))):
+            conn.putheader(name, value)
+        conn.endheaders()
+        conn.send(body[:10])
+        held.append(conn)
+    deadline = time.monotonic() + 10
+    while keyed.stats()["in_flight"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert keyed.stats()["in_flight"] == 2
+
+    status, headers, data = call(keyed.url, body=chat(), key=KEY_A)
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert "max_concurrent_per_key=2" in data["error"]["message"]
+    client_a = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60)
+    with pytest.raises(openai.RateLimitError, match="--max-concurrent-per-key"):
+        client_a.chat.completions.create(model="urt-tiny", messages=TEXT, max_tokens=1)
+    client_b = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY_B, max_retries=0, timeout=60)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # B at its own limit, in parallel with A's held two
+        outs = list(pool.map(lambda _: client_b.chat.completions.create(model="urt-tiny", messages=TEXT,
+                                                                         max_tokens=1), range(2)))
+    assert all(o.choices[0].message.content is not None for o in outs)
+
+    for conn in held:
+        conn.send(body[10:])
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["object"] == "chat.completion"
+        conn.close()
+    deadline = time.monotonic() + 10
+    while keyed.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client_a.chat.completions.create(model="urt-tiny", messages=TEXT, max_tokens=1).choices
+    assert keyed.stats()["rate_limited"] == 2
+
+
+def test_key_sources_and_their_errors(tmp_path, capsys):
+    from urt.cli import main
+
+    assert collect_keys(["k1"], environ={"URT_API_KEY": " k2, ,k3,k1 "}) == ["k1", "k2", "k3"]
+    empty = tmp_path / "empty.keys"
+    empty.write_text("# no key yet\n\n   \n")
+    with pytest.raises(UrtError, match="holds no key"):
+        read_key_file(empty)
+    with pytest.raises(UrtError, match="not found"):
+        read_key_file(tmp_path / "missing.keys")
+    with pytest.raises(UrtError, match="--api-key"):
+        collect_keys(["has space"], environ={})
+    for bad in (empty, tmp_path / "missing.keys"):  # the CLI stops before loading the model
+        assert main(["serve", "--model", "tiny", "--family", "qwen2_5_vl", "--api-key-file", str(bad)]) == 2
+        assert capsys.readouterr().err.startswith(f"urt: error: API key file {str(bad)!r}")
+
+
+def test_non_loopback_host_needs_a_key(bundle, monkeypatch, capsys):
+    """Nothing binds a non-loopback address here: --require-key refuses before the model loads, and the
+    warning path is stopped at the model load."""
+    import urt.models
+    from urt.cli import main
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3"))
+    monkeypatch.delenv("URT_API_KEY", raising=False)
+    base = ["serve", "--model", "tiny", "--family", "qwen2_5_vl", "--host", "0.0.0.0", "--port", "0"]
+    assert main(base + ["--require-key"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("urt: error: --host 0.0.0.0 is reachable from other machines") and "--require-key" in err
+
+    def stop(*args, **kwargs):
+        raise UrtError("stopped at the model load")
+
+    monkeypatch.setattr(urt.models, "load_model", stop)
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "urt serve: WARNING: --host 0.0.0.0" in err and "stopped at the model load" in err
+    monkeypatch.setenv("URT_API_KEY", KEY_A)  # a key: neither error nor warning
+    assert main(base + ["--require-key"]) == 2
+    assert "WARNING" not in (err := capsys.readouterr().err) and "stopped at the model load" in err
+    with pytest.raises(UrtError, match="--require-key"):
+        JudgeServer(bundle, host="0.0.0.0", require_key=True).start()
+
+
+def test_media_paths_only_inside_the_root(bundle, server, tmp_path):
+    root, outside = tmp_path / "media", tmp_path / "secret.png"
+    (root / "sub").mkdir(parents=True)
+    IMG1.save(outside)
+    IMG1.save(root / "a.png")
+    IMG2.save(root / "sub" / "b c.png")
+    (root / "link_in.png").symlink_to(root / "a.png")
+    (root / "link_out.png").symlink_to(outside)
+    (root / "dir_out").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(root / "pipe.png")
+    cases = {
+        str(root / "a.png"): 200,
+        (root / "a.png").as_uri(): 200,
+        (root / "sub" / "b c.png").as_uri(): 200,  # percent-encoded
+        str(root / "link_in.png"): 200,  # a symlink that stays inside the root
+        str(root / "sub" / ".." / "a.png"): 403,
+        (root / "sub").as_uri() + "/%2e%2e/a.png": 403,
+        str(outside): 403,
+        str(root / "link_out.png"): 403,
+        str(root / "dir_out" / "secret.png"): 403,
+        str(root / "pipe.png"): 400,
+        str(root / "sub"): 400,
+        str(root): 400,
+        str(root / "missing.png"): 400,
+        "media/a.png": 400,  # relative
+        "file://otherhost" + str(root / "a.png"): 400,
+    }
+    with JudgeServer(bundle, model_name="m", max_new_tokens=1, media_roots=[root]) as srv:
+        t0 = time.perf_counter()
+        for url, want in cases.items():
+            status, _, data = call(srv.url, body=chat(visual_msg(url)))
+            assert status == want, (url, data)
+            if want != 200:
+                assert data["error"]["param"] == "messages[0].content[0].image_url", data
+        assert time.perf_counter() - t0 < 30  # the FIFO did not hang the open
+        assert call(srv.url, body=chat(visual_msg(video_url(3), kind="video_url")))[0] == 200
+    with pytest.raises(RequestError, match="swapped in") as refused:  # a symlink met on the walk: not followed
+        MediaReader._open_below(root, ("link_in.png",), "link_in.png", "image_url")
+    assert refused.value.status == 403
+    status, _, data = call(server.url, body=chat(visual_msg(str(root / "a.png"))))  # no media root
+    assert status == 400 and "no --media-root" in data["error"]["message"]
+    assert call(server.url, body=chat(visual_msg(data_url(IMG1))))[0] == 200
+
+
+def test_media_bytes_limit_just_under_and_over(bundle, tmp_path):
+    raw = png_bytes(IMG1)
+    (tmp_path / "exact.png").write_bytes(raw)
+    (tmp_path / "over.png").write_bytes(raw + b"\0")
+    b64 = "data:image/png;base64," + base64.b64encode(raw).decode()
+    b64_over = "data:image/png;base64," + base64.b64encode(raw + b"\0").decode()
+    with JudgeServer(bundle, model_name="m", max_new_tokens=1, media_roots=[tmp_path],
+                     limits=Limits(max_media_bytes=len(raw))) as srv:
+        assert call(srv.url, body=chat(visual_msg(str(tmp_path / "exact.png"))))[0] == 200
+        assert call(srv.url, body=chat(visual_msg(b64)))[0] == 200
+        assert_refused(call(srv.url, body=chat(visual_msg(str(tmp_path / "over.png")))), 413, "max_media_bytes",
+                       len(raw))
+        assert_refused(call(srv.url, body=chat(visual_msg(b64_over))), 413, "max_media_bytes", len(raw))
+        assert call(srv.url, body=chat())[0] == 200
+
+
+def test_request_limits_just_under_and_over(bundle):
+    small = data_url(png((9, 9, 9), size=(8, 8)))
+    words = " ".join(["judge"] * 40)
+    prompt_tokens = len(encode_messages(bundle, [{"role": "user", "content": words}]))
+    lim = Limits(max_images=2, max_videos=1, max_pixels=2 * 64 * 48, max_video_frames=6, video_frames=4, max_n=2,
+                 max_tokens=3, max_body_bytes=100_000, max_prompt_tokens=prompt_tokens)
+    with JudgeServer(bundle, model_name="m", max_new_tokens=1, limits=lim) as srv:
+        url = srv.url
+
+        def ok(body):
+            status, _, data = call(url, body=body)
+            assert status == 200, data
+            return data
+
+        # images per request / total pixels (two 64x48 images are exactly max_pixels)
+        ok(chat(visual_msg(small, small)))
+        assert_refused(call(url, body=chat(visual_msg(small, small, small))), 400, "max_images", 2)
+        ok(chat(visual_msg(data_url(IMG1), data_url(IMG2))))
+        assert_refused(call(url, body=chat(visual_msg(data_url(IMG1), data_url(png((1, 2, 3), size=(64, 49)))))),
+                       413, "max_pixels", 2 * 64 * 48)
+        # videos per request / frames per video / pixels of the kept frames (4 x 48x48 > 6144)
+        data = ok(chat(visual_msg(video_url(6), kind="video_url")))
+        assert data["usage"]["prompt_tokens"] > 8
+        assert_refused(call(url, body=chat(visual_msg(video_url(2), video_url(2), kind="video_url"))), 400,
+                       "max_videos", 1)
+        assert_refused(call(url, body=chat(visual_msg(video_url(7), kind="video_url"))), 413, "max_video_frames", 6)
+        assert_refused(call(url, body=chat(visual_msg(video_url(5, size=(48, 48)), kind="video_url"))), 413,
+                       "max_pixels", 2 * 64 * 48)
+        # prompt tokens
+        ok(chat([{"role": "user", "content": words}]))
+        assert_refused(call(url, body=chat([{"role": "user", "content": words + " judge"}])), 400,
+                       "max_prompt_tokens", prompt_tokens)
+        # n and max_tokens / max_completion_tokens
+        assert len(ok(chat(n=2, max_tokens=3))["choices"]) == 2
+        assert_refused(call(url, body=chat(n=3)), 400, "max_n", 2)
+        assert_refused(call(url, body=chat(max_tokens=4)), 400, "max_tokens", 3)
+        assert_refused(call(url, body={"messages": TEXT, "max_completion_tokens": 4}), 400, "max_tokens", 3)
+        # body bytes: the same request padded to exactly the limit, then one byte more
+        body = json.dumps(chat()).encode()
+        ok(body + b" " * (lim.max_body_bytes - len(body)))
+        assert_refused(call(url, body=body + b" " * (lim.max_body_bytes + 1 - len(body))), 413, "max_body_bytes",
+                       lim.max_body_bytes)
+        assert srv.stats()["client_errors"] == 10
+        ok(chat(visual_msg(small)))  # still serving
+
+
+def test_video_url_encodes_for_qwen_and_llava():
+    url = video_url(7)
+    for family in ("qwen2_5_vl", "llava_onevision"):
+        b = SimpleNamespace(family=family, processor=tiny_processor(family))
+        enc = encode_messages(b, visual_msg(url, kind="video_url", text="video?"), limits=Limits(video_frames=4))
+        if family == "llava_onevision":  # frames as images, as the official video scripts send them
+            assert enc.meta["n_images"] == 4 and enc.visual["pixel_values"].shape[0] == 4
+        else:
+            assert enc.meta["n_videos"] == 1 and "pixel_values_videos" in enc.visual
+            assert int((enc.mm_token_type_ids == 2).sum()) > 0
+    with pytest.raises(RequestError, match="not a video"):
+        encode_messages(b, visual_msg("data:image/png;base64,aGk=", kind="video_url"))

@@ -1,0 +1,183 @@
+"""The worker that turns queued requests into batched `urt.generation.generate` calls.
+
+One worker thread groups queued requests with the same sampling parameters into one `generate()` call of
+up to `max_batch_size` prompts, waiting at most `batch_wait_s` after the oldest request for companions. A
+failing batch is retried one request at a time so only the culprit gets the error and the others their
+answers. Each completion is a `urt.generation.Completion`: its `ids` (stop token included) and
+`finish_reason` give the response's `usage.completion_tokens` and `finish_reason`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from urt.errors import UrtError
+from urt.serve.errors import RequestError
+from urt.serve.request import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    encoded: Any
+    params: SamplingParams
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    completions: list | None = None  # `Completion`s, `params.n` of them
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Queue + worker thread around `generate_fn` (default `urt.generation.generate`). `submit()` queues a
+    job (503 when stopping or `max_queue` jobs wait); the job's `done` event is set once it has its
+    completions or its error."""
+
+    def __init__(self, bundle, *, max_batch_size: int = 8, batch_wait_s: float = 0.01, max_queue: int = 1024,
+                 seed: int | None = None, generate_fn: Callable | None = None):
+        self.bundle = bundle
+        self.max_batch_size = int(max_batch_size)
+        self.batch_wait_s = float(batch_wait_s)
+        self.max_queue = int(max_queue)
+        self.seed = seed
+        self._generate_fn = generate_fn
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._stats_lock = threading.Lock()
+        self._batch_sizes: deque[int] = deque(maxlen=100_000)  # the most recent ones
+        self._batches = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._worker, name="urt-serve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the worker (after the batch it is running) and fail the jobs still queued with a 503."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cond:
+            left = list(self._pending)
+            self._pending.clear()
+        for job in left:
+            job.error = RequestError("the server is shutting down", status=503, type="server_error")
+            job.done.set()
+
+    def stats(self) -> dict:
+        with self._stats_lock:
+            sizes = list(self._batch_sizes)
+            batches = self._batches
+        with self._cond:
+            queued = len(self._pending)
+        return {"batches": batches, "batch_sizes": sizes, "max_batch_size_seen": max(sizes, default=0),
+                "mean_batch_size": (sum(sizes) / len(sizes)) if sizes else 0.0, "queued": queued}
+
+    def submit(self, encoded, params: SamplingParams) -> Job:
+        job = Job(encoded=encoded, params=params)
+        with self._cond:
+            if not self._running:
+                raise RequestError("the server is shutting down", status=503, type="server_error")
+            if len(self._pending) >= self.max_queue:
+                raise RequestError(f"the server is overloaded ({self.max_queue} requests queued); retry later",
+                                   status=503, type="server_error", code="overloaded")
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job
+
+    # ------------------------------------------------------------------------------ worker
+
+    def _take_batch(self) -> list[Job] | None:
+        """Block until a batch is ready: the oldest job plus queued jobs with its sampling params, up to
+        max_batch_size, waiting at most batch_wait_s after the oldest arrived. None when stopping."""
+        with self._cond:
+            while not self._pending and self._running:
+                self._cond.wait(0.5)
+            if not self._running:
+                return None
+            key = self._pending[0].params.group_key()
+            deadline = self._pending[0].enqueued + self.batch_wait_s
+            while self._running:
+                same = sum(1 for j in self._pending if j.params.group_key() == key)
+                left = deadline - time.monotonic()
+                if same >= self.max_batch_size or left <= 0:
+                    break
+                self._cond.wait(left)
+            if not self._running:
+                return None
+            batch: list[Job] = []
+            rest: deque[Job] = deque()
+            for j in self._pending:
+                if len(batch) < self.max_batch_size and j.params.group_key() == key:
+                    batch.append(j)
+                else:
+                    rest.append(j)
+            self._pending = rest
+            return batch
+
+    def _worker(self) -> None:
+        while True:
+            try:
+                batch = self._take_batch()
+            except Exception:  # noqa: BLE001 - never let the worker die
+                log.exception("urt serve: batching failed")
+                continue
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            self._generate(batch)
+            with self._stats_lock:
+                self._batch_sizes.append(len(batch))
+                self._batches += 1
+        except Exception as err:  # noqa: BLE001 - a failure answers the requests, not the process
+            if len(batch) > 1:  # find the culprit: the others still get their answers
+                for job in batch:
+                    self._run([job])
+                return
+            log.warning("urt serve: generation failed: %s: %s", type(err).__name__, err)
+            batch[0].error = err
+        for job in batch:
+            job.done.set()
+
+    def _generate(self, batch: list[Job]) -> None:
+        from urt.generation import Completion, GenerationConfig
+
+        gen = self._generate_fn
+        if gen is None:
+            from urt.generation import generate as gen
+        p = batch[0].params
+        if p.seed is not None:
+            seed = p.seed
+        elif p.temperature == 0 or self.seed is not None:
+            seed = self.seed or 0  # greedy ignores it; a server-wide seed makes sampling reproducible
+        else:
+            seed = secrets.randbelow(2 ** 31)  # unseeded sampling: a fresh draw per batch
+        cfg = GenerationConfig(max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                               num_return_sequences=p.n, batch_size=len(batch), seed=int(seed) % (2 ** 63))
+        results = gen(self.bundle, [j.encoded for j in batch], cfg)
+        if not isinstance(results, list) or len(results) != len(batch):
+            raise UrtError(f"generate() returned {type(results).__name__} of length "
+                           f"{len(results) if hasattr(results, '__len__') else '?'} for {len(batch)} prompts")
+        for job, completions in zip(batch, results):
+            if (not isinstance(completions, list) or len(completions) != p.n
+                    or not all(isinstance(c, Completion) for c in completions)):
+                raise UrtError(f"generate() returned {completions!r} for one prompt; expected {p.n} Completions")
+            job.completions = completions
