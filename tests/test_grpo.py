@@ -558,3 +558,134 @@ def test_trained_logprobs_are_the_samplers(family, monkeypatch):
     assert sum(len(s) for s in sampler) > 8
     for a, b in zip(trained, sampler):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def _non_canonical_split(tokenizer) -> tuple[list[int], list[int]]:
+    """(a sampled path, its re-tokenisation): two vocabulary tokens whose text the tokenizer encodes as
+    other ids (a BPE merge the sampler did not take)."""
+    vocab = tokenizer.get_vocab()
+    for piece, cid in sorted(vocab.items(), key=lambda kv: kv[1]):
+        text = tokenizer.decode([cid])
+        if len(text) < 2 or not text.isalpha():
+            continue
+        for cut in range(1, len(text)):
+            a = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+            b = tokenizer(text[cut:], add_special_tokens=False)["input_ids"]
+            if len(a) == 1 and len(b) == 1:
+                path = [a[0], b[0]]
+                again = tokenizer(tokenizer.decode(path), add_special_tokens=False)["input_ids"]
+                if again != path:
+                    return path, again
+    raise AssertionError("no non-canonical split in this vocabulary")
+
+
+def test_trained_ids_are_the_sampled_ids_not_the_text(tmp_path, shards, monkeypatch):
+    """The sampler draws a non-canonical split ("a" + "b" where the tokenizer has "ab"): GRPO trains on the
+    ids that were sampled, and their trained log-probs are the sampler's (the policy's at those tokens), not
+    those of the text's canonical re-tokenisation."""
+    import urt.generation as generation
+    import urt.stages.grpo as grpo_mod
+    from urt.models import load_model
+    from urt.train import train
+
+    bundle = load_model("tiny", family="qwen2_5_vl")
+    path, canonical = _non_canonical_split(bundle.tokenizer)
+    stop = generation.stop_token_ids(bundle)[0]
+
+    class ForcedPath:  # stands in for the sampler's draw: emits `path`, then the stop token
+        def __init__(self, *args, **kwargs):
+            self.width = None
+
+        def __call__(self, input_ids, scores):
+            self.width = self.width or input_ids.shape[1]
+            t = input_ids.shape[1] - self.width
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, (path + [stop])[min(t, len(path))]] = 0.0
+            return forced
+
+    monkeypatch.setattr(generation, "CategoricalDraw", ForcedPath)
+    seen = []
+    real = grpo_mod.sequence_logprobs
+
+    def recording(model, collate, seqs, **kw):
+        out = real(model, collate, seqs, **kw)
+        if torch.is_grad_enabled():  # the policy pass that is trained
+            seen.extend((s.input_ids[s.prompt_length:].tolist(), lp.detach(), s) for s, lp in zip(seqs, out[0]))
+        return out
+
+    monkeypatch.setattr(grpo_mod, "sequence_logprobs", recording)
+    rec = Recorder()
+    cfg = _cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=noncanonical", "optimizer.lr=0")
+    train(cfg, callbacks=[rec])
+    assert seen and all(ids == path + [stop] for ids, _, _ in seen)  # never the canonical `canonical + [stop]`
+    model = rec.module.model.eval()
+    ids, trained, s = seen[0]
+    with torch.no_grad():  # the policy's own log-probs of the sampled path, one plain forward (lr 0: unchanged)
+        from urt.data.collate import make_collator, model_inputs
+
+        batch = make_collator("padded", rec.module.bundle)([s])
+        logits = model(**model_inputs(batch), use_cache=False).logits[0].float().log_softmax(-1)
+    n = s.prompt_length
+    want = logits[n - 1:n - 1 + len(ids)].gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+    torch.testing.assert_close(trained, want, atol=2e-5, rtol=0)
+
+
+def test_stage_settings_must_be_the_modules(tmp_path, shards):
+    """A stage key the module does not take is an error naming it (a typo is never silently ignored)."""
+    from urt.errors import UrtError
+    from urt.train import train
+
+    with pytest.raises(UrtError, match=r"stage\.betaa is not a setting of GRPOModule.*num_generations"):
+        train(_cfg(tmp_path, shards, "+stage.betaa=0.1", "stage.run_name=typo"))
+    with pytest.raises(UrtError, match=r"stage\.seed is not a stage setting"):
+        train(_cfg(tmp_path, shards, "+stage.seed=3", "stage.run_name=seed"))
+
+
+@pytest.mark.parametrize("variant", ["gspo", "cispo"])
+def test_loss_variants_train_from_config(tmp_path, shards, variant):
+    """stage/loss=gspo|cispo builds that component and a step trains with it (μ = 2: the ratios move)."""
+    from urt.rl.objective import PolicyLoss
+    from urt.train import train
+
+    rec = Recorder()
+    cfg = _cfg(tmp_path, shards, f"stage/loss={variant}", f"stage.run_name={variant}", "stage.num_iterations=2")
+    assert cfg.stage.loss.variant == variant
+    train(cfg, callbacks=[rec])
+    assert isinstance(rec.module.loss_fn, PolicyLoss) and rec.module.loss_fn.variant == variant
+    assert rec.module.ref_model is None  # both default to no KL term
+    assert torch.isfinite(torch.tensor(rec.losses[1]))
+
+
+def test_rewards_named_in_the_config_see_the_sample(tmp_path, shards, monkeypatch):
+    """`reward.imports` loads a user's module whose registered reward GRPO then calls with the sample's
+    task, label, rollout key and meta beside the completion; a component built by Hydra works the same."""
+    import sys
+
+    from urt.train import train
+
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "my_rewards.py").write_text(
+        "from urt.rewards import register_reward\n"
+        "SEEN = []\n"
+        "@register_reward('test_sees_sample', override=True)\n"
+        "def sees_sample(completion, solution, *, task, label, key, meta, **kw):\n"
+        "    SEEN.append((task, label, key, dict(meta)))\n"
+        "    return 1.0 if meta.get('attributes') is not None or key.endswith('#0') else 0.5\n"
+        "def scaled(completion, solution, *, factor, **kw):\n"
+        "    return factor * len(completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rec = Recorder()
+    cfg = _cfg(tmp_path, shards, "stage.loss.beta=0", "stage.run_name=userreward", "reward.imports=[userpkg.my_rewards]",
+               "+reward.components.length={_target_: userpkg.my_rewards.scaled, _partial_: true, factor: 0.5}",
+               "+reward.weights.test_sees_sample=1.0", "+reward.weights.length=0.0")
+    train(cfg, callbacks=[rec])
+    seen = sys.modules["userpkg.my_rewards"].SEEN
+    assert len(seen) == 2 * 3  # 2 prompts x G=3 completions
+    keys = sorted(k for _, _, k, _ in seen)
+    assert all(t == "image_generation" and lbl in (1, 2) and isinstance(m, dict) for t, lbl, _, m in seen)
+    assert {k.rsplit("#", 1)[1] for k in keys} == {"0", "1", "2"}
+    rows = _rollouts(Path(cfg.stage.run_dir), 1)
+    assert rows["reward_length"] == [0.5 * len(c) for c in rows["completion"]]
+    assert set(rows["reward_test_sees_sample"]) <= {0.5, 1.0}

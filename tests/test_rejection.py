@@ -304,8 +304,12 @@ def test_cli_end_to_end_real_generate(src, tmp_path, monkeypatch, capsys):
     assert sorted(r["key"] for r in recs) == ["ig-0", "ig-1", "ig-3", "iu-0", "iu-1"]
     for r in recs:
         assert len(r["completions"]) == 2 and all(isinstance(c, str) for c in r["completions"])
-        # lengths re-tokenize the decoded text (generate returns text), so they are not capped at 8
-        assert len(r["lengths"]) == 2 and all(isinstance(n, int) and n >= 0 for n in r["lengths"])
+        assert len(r["lengths"]) == 2
+        if r["key"] == seeded["key"]:  # the record the test wrote (resumed, not generated)
+            continue
+        # generated now: lengths count the sampled tokens (stop token included), at most max_new_tokens
+        assert all(isinstance(n, int) and 1 <= n <= 8 for n in r["lengths"])
+        assert all(n == 8 for n, cut in zip(r["lengths"], r["truncated"]) if cut)
     summ = json.loads((out / "summary.json").read_text())
     assert summ["run"] == {"generated": 4, "resumed": 1, "stale_records": 0}
     sft, grpo = shard_samples(out / "sft"), shard_samples(out / "grpo")

@@ -282,3 +282,38 @@ def test_well_formed_outputs_score_as_expected(think, junk, label, ws1, ws2, tai
         assert format_reward(junk + text) == 0.0  # anchored: leading text fails the format
     if "<answer>" not in junk:
         assert accuracy_reward(junk + text, label) == 1.0  # but the answer is still found
+
+
+def test_build_rewards_from_a_config():
+    """reward.imports / components / weights: the default is the paper's pair; components are Hydra-built
+    callables; bad entries are errors naming the config key."""
+    from urt.rewards import build_rewards, format_reward
+
+    paper = build_rewards(None)
+    assert paper.weights == {"format": 1.0, "accuracy": 1.0} and paper.functions["format"] is format_reward
+    good = "<think>x</think><answer>Image 1 is better</answer>"
+    got = build_rewards({"components": {"half": {"_target_": "urt.rewards.core.format_reward", "_partial_": True}},
+                         "weights": {"format": 1.0, "half": 0.5}})(["nope", good], [None, None])
+    assert got["rewards/half"] == [0.0, 1.0] and got["reward"] == [0.0, 1.5]
+    with pytest.raises(UrtError, match=r"reward\.imports: cannot import 'no_such_pkg\.rewards'"):
+        build_rewards({"imports": ["no_such_pkg.rewards"]})
+    with pytest.raises(UrtError, match=r"reward\.components\.format: 'format' is a registered reward"):
+        build_rewards({"components": {"format": {"_target_": "builtins.len", "_partial_": True}}})
+    with pytest.raises(UrtError, match=r"reward\.components\.n built a int, not a callable"):
+        build_rewards({"components": {"n": {"_target_": "builtins.int", "_args_": ["3"]}}})
+    with pytest.raises(UrtError, match=r"unknown reward 'missing'"):
+        build_rewards({"weights": {"missing": 1.0}})
+    with pytest.raises(UrtError, match=r"reward\.weights\.format must be a number"):
+        build_rewards({"weights": {"format": "high"}})
+
+
+def test_score_passes_each_sample_its_own_arguments():
+    from urt.rewards import score
+
+    seen = []
+    got = score(["a", "bb"], ["x", "y"], {"probe": 1.0},
+                functions={"probe": lambda c, s, **kw: seen.append((c, s, kw)) or float(kw["meta"]["n"])},
+                per_sample=[{"meta": {"n": 1}}, {"meta": {"n": 2}}])
+    assert got["reward"] == [1.0, 2.0] and [c for c, _, _ in seen] == ["a", "bb"]
+    with pytest.raises(UrtError, match="2 completions but 1 per-sample"):
+        score(["a", "b"], None, {"format": 1.0}, per_sample=[{}])

@@ -283,7 +283,7 @@ def render_chat(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         if add_generation_prompt:
-            prefix = _assistant_prefix(text)
+            prefix = assistant_prefix(text)
     return ChatPrompt(
         text=text, images=images, videos=videos, messages=messages, user_text=user_text,
         assistant_prefix=prefix,
@@ -293,7 +293,7 @@ def render_chat(
 _ASSISTANT_HEADER = f"{IM_START}assistant\n"
 
 
-def _assistant_prefix(text: str) -> str:
+def assistant_prefix(text: str) -> str:
     """What a chat template wrote after the final assistant header of a generation prompt."""
     if not isinstance(text, str):
         return ""

@@ -169,7 +169,7 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", limits: Limi
     import torch
 
     from urt.data.encode import IGNORE_INDEX, Encoded
-    from urt.prompts.render import _assistant_prefix
+    from urt.prompts.render import assistant_prefix
 
     limits = limits or (media.limits if media is not None else Limits())
     turns = parse_messages(messages, limits=limits, media=media)
@@ -194,7 +194,7 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", limits: Limi
         if videos:
             kw.update(_video_kwargs(videos))
             n_videos = len(videos)
-        prefix = _assistant_prefix(text)
+        prefix = assistant_prefix(text)
     try:
         out = processor(text=[text], return_tensors="pt", **kw)
     except Exception as err:  # noqa: BLE001 - processors raise many types on unusual images

@@ -202,14 +202,20 @@ def _read_record(fh, offset: int) -> dict:
 
 
 def score_completions(completions: Sequence[str], solution: str, tokenizer=None) -> dict:
-    """The rollout record fields for one pair's completions: rewards, correctness and token lengths."""
+    """The rollout record fields for one pair's completions: rewards, correctness and token lengths (the
+    sampled tokens, stop token included, of a `urt.generation.Completion`; plain text is re-tokenised) and,
+    for completions that carry it, whether each was cut at max_new_tokens."""
     from urt.rewards import accuracy_reward, format_reward
 
     fmt = [float(format_reward(c, solution)) for c in completions]
     acc = [float(accuracy_reward(c, solution)) for c in completions]
     out = {"rewards": {"format": fmt, "accuracy": acc},
            "correct": [f == 1.0 and a == 1.0 for f, a in zip(fmt, acc)]}
-    if tokenizer is not None:
+    sampled = all(getattr(c, "ids", None) for c in completions)
+    if sampled:
+        out["lengths"] = [len(c.ids) for c in completions]
+        out["truncated"] = [c.finish_reason == "length" for c in completions]
+    elif tokenizer is not None:
         out["lengths"] = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
     return out
 
