@@ -380,27 +380,23 @@ def test_ranks_take_the_same_number_of_batches(tmp_path, tiny_bundle):
 
 
 # ------------------------------------------------------------------------------------------ configs
-@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu", "fsdp"])
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu", "fsdp", "fsdp_cpu"])
 def test_trainer_configs_build_their_strategy(trainer):
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from lightning.pytorch.strategies import DDPStrategy
 
     from urt.config import compose_config
-    from urt.models.sharding import layer_classes
 
     cfg = compose_config([f"trainer={trainer}", "model=tiny_qwen3_vl"])
     strategy = instantiate(cfg.trainer.strategy)
-    if trainer == "fsdp":
-        assert isinstance(strategy, FSDPStrategy) and cfg.trainer.precision == "bf16-mixed"
-        policy = strategy.kwargs["auto_wrap_policy"]
-        assert isinstance(policy, ModuleWrapPolicy)
-        assert set(policy._module_classes) == layer_classes("qwen3_vl")
-        assert strategy._state_dict_type == "sharded" and strategy.kwargs["use_orig_params"]
-        ckpt = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
-        assert set(ckpt._module_classes) == layer_classes("qwen3_vl", ["decoder"])
-        mp = strategy.mixed_precision_config
-        assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    if trainer.startswith("fsdp"):  # FSDP2: urt.stages.sharded (mixed precision is the strategy's)
+        from urt.stages.sharded import ShardedStrategy
+
+        assert isinstance(strategy, ShardedStrategy) and cfg.trainer.precision == "32-true"
+        assert strategy._save_distributed_checkpoint and strategy.reshard_after_forward
+        assert (strategy.param_dtype, strategy.reduce_dtype) == (("bf16", "fp32") if trainer == "fsdp" else
+                                                                 ("fp32", "fp32"))
+        assert strategy._process_group_backend == ("gloo" if trainer == "fsdp_cpu" else "nccl")
     else:
         assert isinstance(strategy, DDPStrategy)
         assert strategy._ddp_kwargs["broadcast_buffers"] is False and not strategy._ddp_kwargs["static_graph"]

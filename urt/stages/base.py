@@ -64,12 +64,24 @@ def is_fsdp(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
+def is_sharded(trainer: L.Trainer) -> bool:
+    """Whether the trainer runs urt's FSDP2 strategy (trainer=fsdp / fsdp_cpu; urt.stages.sharded)."""
+    from urt.stages.sharded import is_sharded_strategy
+
+    return is_sharded_strategy(trainer)
+
+
 def full_model_state(trainer: L.Trainer) -> dict:
     """FSDP: the full (unsharded) state dict of the HF model, gathered from every rank onto rank 0's CPU
     (a collective: every rank calls it; ranks > 0 get {}). Whatever the strategy's own `state_dict_type`
     (sharded checkpoints included), this is FSDP's FULL_STATE_DICT with `rank0_only` and CPU offload, so
     no rank ever holds more than one full copy, in host memory. Keys are the HF model's (the
-    LightningModule's `model.` prefix removed; FSDP and activation-checkpoint wrappers leave no trace)."""
+    LightningModule's `model.` prefix removed; FSDP and activation-checkpoint wrappers leave no trace).
+    FSDP2 (`is_sharded`): the same, parameter by parameter (urt.models.fsdp.full_state_dict)."""
+    if is_sharded(trainer):
+        from urt.models.fsdp import full_state_dict
+
+        return full_state_dict(trainer.lightning_module.model)
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -88,8 +100,11 @@ def save_full_state(bundle, state: dict, out_dir: str | Path) -> Path:
     was_cache = getattr(model.config, "use_cache", None)
     if was_cache is False:
         model.config.use_cache = True  # a saved checkpoint is for inference by default
+    from urt.models.fsdp import plain_class
+
     try:
-        model.save_pretrained(out, state_dict=state)
+        with plain_class(model):  # FSDP2's subclass would hide the checkpoint's key renames
+            model.save_pretrained(out, state_dict=state)
     finally:
         if was_cache is False:
             model.config.use_cache = False
@@ -116,6 +131,8 @@ class HFExport(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         from urt.models.loading import is_peft_model
 
+        if is_sharded(trainer):
+            return  # the strategy checks LoRA and the units when it shards (urt.stages.sharded)
         if not is_fsdp(trainer):
             return
         if is_peft_model(self.bundle.model):
@@ -126,7 +143,7 @@ class HFExport(Callback):
         check_wrapping(self.bundle.model, self.bundle.family)
 
     def _save(self, trainer: L.Trainer, name: str) -> None:
-        state = full_model_state(trainer) if is_fsdp(trainer) else None
+        state = full_model_state(trainer) if is_fsdp(trainer) or is_sharded(trainer) else None
         if trainer.is_global_zero:
             from urt.models import save_pretrained
 
@@ -355,6 +372,17 @@ class StageModule(L.LightningModule):
         self.schedule_steps = self._schedule_steps()
         sched = self.scheduler_factory(opt, num_training_steps=self.schedule_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -------------------------------------------------------------------------------------- sharding
+    def sharded_models(self) -> list:
+        """The models the sharded strategy (trainer=fsdp) shards: the policy; GRPO adds its reference."""
+        return [self.model]
+
+    def configure_model(self) -> None:
+        # Lightning calls this on every strategy; only urt's FSDP2 one shards (urt.stages.sharded)
+        shard = getattr(self._trainer.strategy, "shard_stage", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
 
     # -------------------------------------------------------------------------------------- checkpoint
     def checkpoint_state(self) -> dict:

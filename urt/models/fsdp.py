@@ -1,0 +1,135 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for the urt families: what `trainer=fsdp` applies to the
+policy (and to GRPO's reference) of every stage. The strategy that drives it: urt.stages.sharded.
+
+**Units.** One unit per decoder layer of the language model (urt.models.sharding names the class per
+family), then the root (the embeddings, the final norm, the LM head and whatever else is trainable). A
+unit's parameters live as 1/world shards (DTensors on the data-parallel mesh); its forward and backward
+all-gather them in `param_dtype` just for the unit, and backward reduce-scatters its gradients in
+`reduce_dtype` (fp32: the sum over ranks is not rounded to bf16).
+
+**The frozen vision tower stays replicated.** Frozen parameters outside the decoder layers (the vision
+tower and projector as the paper trains: language model only) are `ignored_params`: not sharded, never
+gathered, never reduced; they are cast to `param_dtype` (what the unit would compute with anyway). Why:
+a sharded tower makes every visual forward a collective, so ranks whose batches hold different numbers of
+images and videos (each a separate tower pass), or GRPO's per-rank visual cache, would wait on each other
+forever; and the tower is small next to the language model (0.4-0.7B params: ~1 GiB bf16 per rank). A
+trainable tower (model.freeze_vision=false) is sharded like the decoder, one unit per vision block; every
+rank must then run the same number of visual passes (SFT batches of one medium kind do).
+
+**Activation checkpointing** is transformers' own per decoder layer (`model.gradient_checkpointing=true`,
+non-reentrant), which composes with FSDP2: the recomputed forward all-gathers the unit again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from urt.errors import UrtError
+from urt.models.sharding import DTYPES, layer_classes
+
+
+def dtype_of(name: str | None):
+    if name is None or name == "none":
+        return None
+    if name not in DTYPES:
+        raise UrtError(f"unknown dtype {name!r} for sharded mixed precision; known: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `fully_shard` has been applied to `model` (its root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _units(model: torch.nn.Module, family: str, part: str) -> list[torch.nn.Module]:
+    classes = tuple(layer_classes(family, (part,)))
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str | None = "bf16",
+                reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Apply FSDP2 to `model` in place (see the module docstring) over the 1-D data-parallel `mesh`;
+    returns it. A model already sharded is returned as it is."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if is_sharded(model):
+        return model
+    decoder = _units(model, family, "decoder")
+    if not decoder:
+        names = ", ".join(c.__name__ for c in layer_classes(family, ("decoder",)))
+        raise UrtError(f"sharding: the model has no {names} module although model.family={family!r}: FSDP "
+                       f"would put every weight in one unit (nothing saved)")
+    in_decoder = {id(p) for layer in decoder for p in layer.parameters()}
+    vision = _units(model, family, "vision")
+    train_vision = any(p.requires_grad for b in vision for p in b.parameters())
+    in_vision = {id(p) for b in vision for p in b.parameters()} if train_vision else set()
+    # frozen and outside the units: replicated (why: the module docstring)
+    ignored = {p for p in model.parameters()
+               if not p.requires_grad and id(p) not in in_decoder and id(p) not in in_vision}
+    pdt = dtype_of(param_dtype)
+    if pdt is not None:
+        for p in ignored:
+            p.data = p.data.to(pdt)
+    mp = MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=dtype_of(reduce_dtype))
+    opts = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+    for block in (vision if train_vision else []):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **opts)
+    for layer in decoder:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **opts)
+    # the root's parameters (embeddings, norm, head) are gathered for the whole forward anyway
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **opts)
+    return model
+
+
+def freeze_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy (GRPO's reference) made before sharding: eval mode, no gradients."""
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The full (unsharded) state dict of a sharded `model`, gathered parameter by parameter onto rank 0's
+    CPU (ranks > 0 get {}); a collective, every rank calls it. No rank holds more than one full parameter
+    on its accelerator at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_numel(t: torch.Tensor) -> int:
+    """Elements this rank stores of `t` (its shard for a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+
+
+class plain_class:
+    """Context in which a sharded model presents its transformers class: `fully_shard` swaps the class for a
+    `FSDP<Name>` subclass, and transformers' save_pretrained finds the checkpoint key renames (the
+    original format of Qwen-VL checkpoints, `model.layers.*` vs `model.language_model.layers.*`) by class
+    name. Only for saving a state dict gathered elsewhere: no forward runs inside."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.cls = model, type(model)
+
+    def __enter__(self):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            self.model.__class__ = next(c for c in self.cls.__mro__[1:]
+                                        if issubclass(c, torch.nn.Module) and not issubclass(c, FSDPModule))
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.__class__ = self.cls
+        return False

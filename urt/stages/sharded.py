@@ -1,0 +1,98 @@
+"""The sharded strategy every stage runs under with `trainer=fsdp` (CUDA, NCCL) or `trainer=fsdp_cpu`
+(2 CPU processes over gloo, the tests): FSDP2 over all ranks, applied by urt.models.fsdp.
+
+Why a thin subclass of Lightning's `ModelParallelStrategy` rather than it as it is or `FSDPStrategy`:
+- `FSDPStrategy` is FSDP1 (flat parameters, its own precision plugin that refuses norm clipping, state-dict
+  context managers); FSDP2 is torch's maintained API, a DTensor per parameter.
+- `ModelParallelStrategy` runs FSDP2 and already writes distributed checkpoints (one shard per rank,
+  `torch.distributed.checkpoint`), restores them after the model is sharded, and moves the optimizer
+  state; but it builds a 2-D mesh whose tensor-parallel size defaults to the GPUs of a node and needs every
+  LightningModule to shard itself in `configure_model`. Here the mesh is 1-D data parallel over every
+  rank, and the strategy shards what the stage module hands it (`StageModule.sharded_models`: the policy,
+  GRPO's reference) with the family's units, so the stage modules stay strategy-agnostic.
+
+Mixed precision is the strategy's (param_dtype / reduce_dtype), so the trainer's `precision` must be
+`32-true` (Lightning's autocast on top would round what FSDP2 keeps in fp32): the master weights, the
+gradients and the AdamW state are fp32 shards. Gradient clipping (`trainer.gradient_clip_val`, GRPO's
+`stage.max_grad_norm`) is torch's `clip_grad_norm_` over the DTensor gradients: the global norm over every
+shard. The `hf/` export gathers the full weights onto rank 0 (urt.models.fsdp.full_state_dict).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from urt.errors import UrtError
+
+log = logging.getLogger(__name__)
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """FSDP2 data parallel over every rank (see the module docstring).
+
+    Args:
+        param_dtype: the dtype units compute in (bf16 | fp16 | fp32; CPU tests: fp32).
+        reduce_dtype: the dtype gradients are reduce-scattered in (fp32: exact sums).
+        reshard_after_forward: free a unit's gathered weights after its forward (ZeRO-3); False keeps them
+            until backward (ZeRO-2-like: less communication, a full bf16 copy of the layers alive).
+        save_distributed_checkpoint: checkpoints as folders of per-rank shards (False: gathered onto rank 0
+            into one file, weights + AdamW state ~12 bytes per parameter in rank 0's host memory).
+    """
+
+    def __init__(self, param_dtype: str | None = "bf16", reduce_dtype: str | None = "fp32",
+                 reshard_after_forward: bool = True, save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, timeout_s: float = 1800.0):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
+        from urt.models.fsdp import dtype_of
+
+        dtype_of(param_dtype), dtype_of(reduce_dtype)  # a typo fails here, not after the model is loaded
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self.reshard_after_forward = bool(reshard_after_forward)
+
+    def setup_environment(self) -> None:
+        # 1-D data parallel over every process of every node (the parent's "auto" is nodes x GPUs per node TP)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        from lightning.pytorch.plugins.precision import Precision
+
+        if type(self.precision_plugin) is not Precision or \
+                str(getattr(trainer, "precision", "32-true")) not in ("32-true", "32"):
+            raise UrtError(f"trainer=fsdp: set trainer.precision=32-true (got {trainer.precision}); the sharded "
+                           f"strategy's param_dtype={self.param_dtype} / reduce_dtype={self.reduce_dtype} is the "
+                           f"mixed precision (trainer.strategy.param_dtype)")
+        super().setup(trainer)
+
+    @property
+    def mesh(self):
+        return self.device_mesh["data_parallel"]
+
+    def shard(self, model, family: str):
+        """FSDP2 on `model` with this strategy's mesh and precision (urt.models.fsdp.shard_model)."""
+        from urt.models.fsdp import shard_model
+
+        return shard_model(model, family, self.mesh, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
+                           reshard_after_forward=self.reshard_after_forward)
+
+    def shard_stage(self, module) -> None:
+        """Shard every model a stage module trains or runs frozen (`module.sharded_models()`)."""
+        from urt.models.loading import is_peft_model
+
+        family = module.bundle.family
+        if is_peft_model(module.model):
+            raise UrtError("trainer=fsdp: LoRA is not supported under the sharded strategy (the adapters' "
+                           "frozen base would be replicated and the hf/ export merges on one rank); train LoRA "
+                           "with trainer=ddp (model.lora=null for full training)")
+        for model in module.sharded_models():
+            self.shard(model, family)
+
+
+def is_sharded_strategy(trainer) -> bool:
+    return trainer is not None and isinstance(getattr(trainer, "strategy", None), ShardedStrategy)
