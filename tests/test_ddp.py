@@ -430,14 +430,25 @@ def test_fsdp_layer_classes_are_the_models_blocks():
         layer_classes("nope")
 
 
-def test_grpo_refuses_sharded_strategies():
+def test_grpo_refuses_fsdp1_and_a_sharded_trainable_vision_tower():
+    """FSDP1 (Lightning's FSDPStrategy) is refused; the sharded strategy (FSDP2) is taken, but not with a
+    trained vision tower (tests/test_fsdp.py runs GRPO under it)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     from urt.errors import UrtError
     from urt.models import load_model
+    from urt.rl.objective import PolicyLoss
     from urt.stages.grpo import GRPOModule
+    from urt.stages.sharded import ShardedStrategy
 
-    module = GRPOModule(load_model("tiny", family="qwen2_5_vl"), beta=0, num_generations=2)
+    module = GRPOModule(load_model("tiny", family="qwen2_5_vl"), loss=PolicyLoss(beta=0), num_generations=2)
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(UrtError, match="GRPO runs on one device or with DDP"):
+    with pytest.raises(UrtError, match="GRPO runs on one device, with DDP .* or sharded"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=ShardedStrategy())
+    module.setup("fit")
+    module = GRPOModule(load_model("tiny", family="qwen2_5_vl", freeze_vision=False), loss=PolicyLoss(beta=0),
+                        num_generations=2)
+    module._trainer = SimpleNamespace(strategy=ShardedStrategy())
+    with pytest.raises(UrtError, match="model.freeze_vision=true"):
         module.setup("fit")

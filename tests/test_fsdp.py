@@ -103,3 +103,114 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path):
     assert d_logits < 1e-5
     print(f"fsdp sft: max|dloss|={max(abs(a - b) for a, b in zip(one_steps, two_steps)):.2e} "
           f"max|dgrad|={d_grad:.2e} max|dweight|={d_w:.2e} max|dlogits|={d_logits:.2e}")
+
+
+# ------------------------------------------------------------------------------------------ GRPO
+def _grpo_shards(d: Path, n: int, media: str) -> str:
+    """n prompts p-0 … p-{n-1} (labels 1/2) in ONE shard (2 ranks split it by sample: p-0, p-2, … / p-1,
+    p-3, …): image-generation pairs, or video-generation pairs of 4-frame clips."""
+    from data_fixtures import synthetic_frames, vqa_image
+    from urt.data.schema import Sample, Video
+    from urt.data.shards import write_shards
+
+    def pair(j):
+        if media == "image":
+            return [vqa_image(2 * j + 1), vqa_image(2 * j + 2)]
+        return [Video(frames=synthetic_frames(4, seed=2 * j + 1), fps=2.0),
+                Video(frames=synthetic_frames(4, seed=2 * j + 2), fps=2.0)]
+
+    task = f"{media}_generation"
+    out = [Sample(f"p-{j}", task, 1 + j % 2, pair(j), caption=f"clip {j}", source="fixture") for j in range(n)]
+    write_shards(out, d, maxcount=n)
+    return str(d)
+
+
+GRPO_CASES = {  # model, media, prompts, plan (completions per prompt key), overrides
+    # μ = 2, a sharded reference (beta > 0), clipping, one zero-variance and one short group; 2 rollout steps,
+    # the sharded run killed after the first and resumed
+    "image_mu2_resume": ("tiny_qwen2_5_vl", "image", 8,
+                         {"p-0": "flat", "p-1": "distinct", "p-2": "distinct", "p-3": "short", "p-4": "distinct",
+                          "p-5": "distinct", "p-6": "short", "p-7": "flat"},
+                         ["stage.num_iterations=2", "stage.loss.beta=0.04", "stage.micro_batch_size=2"]),
+    # μ = 1 on video: rank 0 keeps no sequence (its groups all flat) while rank 1 runs 2 mini-batches of 2
+    # micro-batches: rank 0's forwards are all padding passes. Padded log-prob batches in both runs: a
+    # sharded policy pass with gradients is padded (urt.rl.logprobs), whose pad-token row of the embeddings
+    # gets a rounding-noise gradient (~1e-10) where shared prompts give exactly 0, and AdamW turns that
+    # into an lr-sized step; the image case compares "auto" layouts (shared prompts in the no-grad passes)
+    "video_rank_without_sequences": ("tiny_qwen3_vl", "video", 4,
+                                     {"p-0": "flat", "p-1": "distinct", "p-2": "flat", "p-3": "distinct"},
+                                     ["stage.micro_batch_size=2", "stage.num_mini_batches=2",
+                                      "stage.loss.aggregation=token", "stage.loss.beta=0.04", "stage.collate=padded"]),
+}
+
+
+def _grpo_cfg(root: Path, shards: str, name: str, model: str, *overrides):
+    from test_ddp import _grpo_cfg as base
+
+    return base(root, shards, name, f"model={model}", "data.video_max_pixels=3136",
+                *overrides)
+
+
+def _grpo_worker(rank: int, root: str, shards: str, case: str, out: str) -> None:
+    import urt.generation
+    from test_ddp import _canned_generate
+    from urt.train import train
+
+    model, _, n, plan, overrides = GRPO_CASES[case]
+    urt.generation.generate = _canned_generate(plan)  # this process's monkeypatch
+    dump = FullGradDump(Path(out) / f"fsdp-grpo-rank{rank}.pt")
+    losses = []
+    mu = 2 if "stage.num_iterations=2" in overrides else 1
+    # 2 prompts per rank and step; resume case: stopped after the first rollout step (μ optimizer steps)
+    stops = [f"trainer.max_steps={mu}", "trainer.max_steps=-1"] if n == 8 else ["trainer.max_steps=-1"]
+    for stop in stops:
+        cb = FullGradDump(dump.path)
+        train(_grpo_cfg(Path(root), shards, "fsdp", model, "trainer=fsdp_cpu", "data.batch_size=2",
+                        "trainer.max_epochs=1", stop, *overrides), callbacks=[cb])
+        losses += cb.losses
+    torch.save({"losses": losses, "steps": cb.module.rollout_step}, Path(out) / f"fsdp-grpo-rank{rank}-info.pt")
+
+
+@pytest.mark.parametrize("case", sorted(GRPO_CASES))
+def test_fsdp_grpo_two_processes_equal_one(tmp_path, monkeypatch, case):
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    import urt.generation
+    from test_ddp import _canned_generate
+    from urt.train import train
+
+    model, media, n, plan, overrides = GRPO_CASES[case]
+    shards = _grpo_shards(tmp_path / "shards", n, media)
+    monkeypatch.setattr(urt.generation, "generate", _canned_generate(plan))
+    one = GradDump(tmp_path / "grpo-one.pt")
+    train(_grpo_cfg(tmp_path, shards, "one", model, "trainer=cpu", "data.batch_size=4", "trainer.max_epochs=1",
+                    "trainer.max_steps=-1", *overrides), callbacks=[one])
+    assert one.module.rollout_step == n // 4
+
+    run_two_processes(_grpo_worker, str(tmp_path), shards, case, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"fsdp-grpo-rank{r}.pt") for r in (0, 1)]
+    info = [torch.load(tmp_path / f"fsdp-grpo-rank{r}-info.pt") for r in (0, 1)]
+    assert [i["steps"] for i in info] == [n // 4] * 2
+    d_grad = _max_diff(one.grads, ranks[0])
+    assert d_grad < 1e-6 and _max_diff(ranks[0], ranks[1]) == 0
+    assert any(float(g.abs().max()) > 1e-4 for g in one.grads[0].values())
+    d_loss = max(abs(a - b) for a, b in zip(info[0]["losses"], one.losses))
+    assert len(info[0]["losses"]) == len(one.losses) and d_loss < 1e-6 and info[0]["losses"] == info[1]["losses"]
+    # every step's rollouts (rewards, advantages, kept) as one process's, the resumed step's included
+    for step in range(1, n // 4 + 1):
+        name = f"step-{step:06d}.parquet"
+        got, ref = (pq.read_table(tmp_path / "runs" / run / "rollouts" / name).to_pydict() for run in ("fsdp", "one"))
+        rows = lambda t: sorted(zip(t["prompt_key"], t["sample"], t["reward"], t["advantage"], t["kept"]))  # noqa: E731
+        assert rows(got) == rows(ref), step
+    a, b = (load_file(tmp_path / "runs" / run / "hf" / "final" / "model.safetensors") for run in ("one", "fsdp"))
+    assert a.keys() == b.keys()
+    # AdamW divides by sqrt(v): where the exact gradient is 0 (k_proj.bias: softmax ignores a constant
+    # added to every key) the computed one is rounding noise, whose sign AdamW turns into a full lr-sized
+    # step; summing over ranks rounds differently from one process, so those few elements differ by up to
+    # ~lr x 1e-2. Every other element agrees to 1e-6.
+    d_w = max(float((a[k] - b[k]).abs().max()) for k in a)
+    off = sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) for k in a)
+    assert d_w < 1e-5 and off <= 1e-4 * sum(v.numel() for v in a.values()), (d_w, off)
+    print(f"fsdp grpo {case}: max|dloss|={d_loss:.2e} max|dgrad|={d_grad:.2e} max|dweight|={d_w:.2e} "
+          f"({off} elements > 1e-6)")

@@ -110,6 +110,10 @@ class GenerationConfig:
     # KV cache in buffers sized for the batch's final length (PreallocatedLayer) instead of HF's
     # concatenation per step: the same numbers, decode ~2x faster on CPU for judge-length prompts
     preallocate: bool = True
+    # the model is sharded (FSDP2, trainer=fsdp): every forward all-gathers one layer's weights from every
+    # rank, so the ranks run the same number of generate calls (a rank out of prompts repeats one, the
+    # output dropped) and HF's synced_gpus keeps each call's decode steps in step until every rank is done
+    lockstep: bool = False
 
     def validate(self) -> None:
         if isinstance(self.max_new_tokens, bool) or int(self.max_new_tokens) < 1:
@@ -359,11 +363,21 @@ def _progress(total: int, desc: str, enabled: bool):
     return prog, prog.add_task(desc, total=total)
 
 
+def _lockstep_batches(n: int, device) -> int:
+    """The most generate calls any rank makes (a collective; `n` on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return n
+    t = torch.tensor([float(n)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
-             desc: str = "generating") -> list[list[Completion]]:
+             desc: str = "generating", pad_prompt=None) -> list[list[Completion]]:
     """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
     `cfg.num_return_sequences` `Completion`s per prompt (text starting with the prompt's assistant prefix,
-    with the sampled ids)."""
+    with the sampled ids). `cfg.lockstep` (a sharded model): every rank calls this, `pad_prompt` is what a
+    rank generates for (and drops) while it has no prompts left and another rank still has."""
     from transformers import LogitsProcessorList
 
     from urt.data.collate import make_collator, model_inputs
@@ -380,7 +394,7 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
         if p.prompt_length != len(p) or int((p.labels != -100).sum()) > 0:
             raise UrtError(f"prompt {p.key!r} was encoded with a target (mode='sft'); generation needs "
                            f"prompt-only encodings (SampleEncoder(..., mode='prompt'))")
-    if not prompts:
+    if not prompts and not cfg.lockstep:
         return []
 
     model = bundle.model
@@ -423,18 +437,29 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
 
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     bs = int(cfg.batch_size)
+    starts = list(range(0, len(order), bs))
+    if cfg.lockstep:
+        gen_kwargs["synced_gpus"] = True
+        pad = prompts[0] if prompts else pad_prompt
+        extra_calls = _lockstep_batches(len(starts), device) - len(starts)
+        if extra_calls and pad is None:
+            raise UrtError("lockstep generation: this rank has no prompts and no pad_prompt to keep the "
+                           "sharded model's collectives in step with the other ranks")
+        starts += [None] * extra_calls
     results: list[list[Completion] | None] = [None] * len(prompts)
     bar = _progress(len(prompts), desc, progress)
     was_training = model.training
     model.eval()
     cuda = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+        # no_grad under lockstep: FSDP2's all-gathered parameters are not inference tensors
+        grad_off = torch.no_grad() if cfg.lockstep else torch.inference_mode()
+        with torch.random.fork_rng(devices=cuda), grad_off:
             torch.manual_seed(int(cfg.seed))
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
+            for start in starts:
+                idx = order[start:start + bs] if start is not None else []
                 shared = copies > 1 and cfg.shared_prefill and _SHARED_PREFILL.get(type(model), True)
-                rows = [prompts[i] for i in idx for _ in range(1 if shared else copies)]
+                rows = [prompts[i] if idx else pad for i in (idx or [None]) for _ in range(1 if shared else copies)]
                 batch = collate(rows)
                 inputs = to_device(model_inputs(batch), device, dtype)
                 width = int(inputs["input_ids"].shape[1])
@@ -453,6 +478,8 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 except (ValueError, RuntimeError) as err:
                     raise UrtError(f"generation failed for prompts {[prompts[i].key for i in idx]}: "
                                    f"{type(err).__name__}: {err}") from err
+                if not idx:  # a padding call: only the collectives mattered
+                    continue
                 new = out[:, width:].tolist()
                 for k, i in enumerate(idx):
                     prefix = prompts[i].meta.get("assistant_prefix", "") or ""

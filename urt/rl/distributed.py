@@ -62,7 +62,7 @@ def no_grad_sync(trainer):
     return block() if block is not None else contextlib.nullcontext()
 
 
-def sync_gradients(module, loss: float, bad: bool) -> tuple[float, bool]:
+def sync_gradients(module, loss: float, bad: bool, reduce: bool = True) -> tuple[float, bool]:
     """Average the accumulated gradients of a LightningModule's trainable parameters over the ranks (in
     place) and return (the loss summed over the ranks, whether any rank saw a non-finite loss). On one
     process: (loss, bad), nothing moves.
@@ -74,12 +74,15 @@ def sync_gradients(module, loss: float, bad: bool) -> tuple[float, bool]:
     (bucketed, comm hooks honoured; with `gradient_as_bucket_view` the gradients then live in those
     buckets and accumulate there, no second copy). DDP divides by the world size: the caller's loss
     weights multiply by it. Every trainable parameter ends with a gradient (zero where no rank's
-    sequences reached it), on every rank, also on one without sequences."""
+    sequences reached it), on every rank, also on one without sequences. `reduce=False` (FSDP2, whose
+    backward passes reduce-scatter as they go): only the loss and the flag."""
     if not distributed():
         return loss, bad
     head = all_reduce(torch.tensor([loss, 1.0 if bad else 0.0], dtype=torch.float64, device=module.device))
     if bool(head[1] > 0):
         return float(head[0]), True
+    if not reduce:  # sharded (FSDP2): every backward already reduce-scattered its gradients
+        return float(head[0]), False
     params = [p for p in module.parameters() if p.requires_grad]  # exactly the parameters DDP reduces
     zero = sum(p.reshape(-1)[0].float() for p in params) * 0.0
     module.manual_backward(zero)  # outside `no_grad_sync`: DDP all-reduces now

@@ -55,18 +55,29 @@ def pad_rows(rows: Sequence[torch.Tensor], value: float = 0.0) -> torch.Tensor:
 
 
 def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy: bool = False,
-                      visual_cache=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                      visual_cache=None, lockstep: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-token log-probs (fp32) of each sequence's completion tokens (one 1-D tensor per sequence, in
     order) and, when asked, the per-token entropies (detached). `collate` is a packed or padded collator,
     or a `urt.rl.shared_prompt.SharedPromptLogprobs` (each prompt run once per micro-batch; the padded
     path, with the reason logged, when it cannot serve this pass).
     `visual_cache` (a `urt.rl.visual_cache.VisualCache` of this step's prompts): the model is fed the
     cached visual features instead of running its vision tower on every sequence's pixels (the normal path,
-    with the reason logged, when the cache cannot feed this model)."""
+    with the reason logged, when the cache cannot feed this model). `lockstep` (a sharded model, whose
+    forwards are collectives): every rank calls this together and they agree on the layout, so each runs
+    the same number of forwards."""
     from urt.rl.shared_prompt import PromptCacheDropped, SharedPromptLogprobs
 
     if isinstance(collate, SharedPromptLogprobs):
         reason = collate.pass_blocker(model, seqs)
+        if lockstep:
+            from urt.rl.distributed import any_rank
+
+            if reason is None and torch.is_grad_enabled():
+                # FSDP2 re-gathers a layer for backward from hooks on the tensors its forward returns; the
+                # prompt pass's KV cache reaches the completion pass around them (held in the cache object)
+                reason = "a sharded policy's passes with gradients run padded (FSDP2 cannot follow the KV cache)"
+            if any_rank(reason is not None, next(model.parameters()).device) and reason is None:
+                reason = "another rank's pass cannot share prompts (sharded ranks run the same passes)"
         if reason is None:
             try:
                 logits, targets = collate.forward(model, seqs, visual_cache=visual_cache)

@@ -32,6 +32,15 @@ included when one was sampled); a completion that arrives as plain text is re-to
 weights, kept out of the LightningModule's state_dict (never checkpointed, moved to the device at fit
 start); with LoRA the base model with adapters disabled (peft `disable_adapter()`), no copy.
 
+**Sharded (trainer=fsdp).** The policy and the reference are sharded the same way (urt.models.fsdp: one
+unit per decoder layer, the frozen vision tower replicated). Every forward of a sharded model all-gathers
+each layer from every rank, so the ranks run their passes in lockstep: generation makes the same number of
+generate calls on every rank and keeps their decode steps in step (GenerationConfig.lockstep), and each
+log-prob or update loop runs the most micro-batches any rank has, a rank short of them running a padding
+pass (a sequence of its own with weight 0: its gradient adds nothing, its reduce-scatter keeps the step).
+Gradients are reduce-scattered at every micro-batch's backward (nothing to sync at the end); the loss
+weights are the global counts' as under DDP, so the objective is the same.
+
 **Exact resume.** The rollout counter is checkpointed; the generation seed is derived from
 (seed, rollout step, rank), the data position comes from the data module's state, so a run stopped at step
 k and resumed repeats the uninterrupted run's steps (deterministic CPU).
@@ -143,7 +152,7 @@ class GRPOModule(StageModule):
 
         # 1. rollouts: G completion slots per prompt, laid out group by group (slot i is in group i // G);
         #    a slot is valid when generation returned a completion for it with at least one token
-        texts, ids, truncated = self._rollouts(prompts, step)
+        texts, ids, truncated = self._rollouts(prompts, step, pad=batch["prompts"][0])
         valid = torch.tensor([t is not None for t in texts], dtype=torch.bool)
         t1 = time.perf_counter()
 
@@ -162,6 +171,9 @@ class GRPOModule(StageModule):
         #    sequences (one process: min(num_mini_batches, kept)); a rank may hold none of a mini-batch.
         seqs = [completion_sequence(prompts[i // G], ids[i], i % G) if valid[i] else None for i in range(len(texts))]
         idx = keep.nonzero().flatten().tolist()
+        # sharded: what a rank short of micro-batches runs to keep the collectives in step (weight 0)
+        self._pad_seq = next((x for x in seqs if x is not None), None) or \
+            completion_sequence(batch["prompts"][0], self.stop_ids[:1], 0)
         losses, stats = [], {"kl": [], "clip_fraction": [], "entropy": []}
         n_minis = min(self.num_mini_batches, dist.max_over_ranks(len(idx), self.device))
         if n_minis:
@@ -208,15 +220,17 @@ class GRPOModule(StageModule):
                         len(ties), self.skipped_ties, ties[0].key)
         return [p for p in prompts if solution_string(p) is not None]
 
-    def _rollouts(self, prompts: list[Encoded], step: int) -> tuple[list, list[list[int]], list[bool]]:
-        """(text, sampled ids, truncated) per slot; an empty slot has text None and no ids."""
+    def _rollouts(self, prompts: list[Encoded], step: int, pad: Encoded | None = None
+                  ) -> tuple[list, list[list[int]], list[bool]]:
+        """(text, sampled ids, truncated) per slot; an empty slot has text None and no ids. `pad`: the
+        prompt a sharded rank generates for (dropped) while another rank still has prompts."""
         from urt.generation import GenerationConfig, generate
 
         G = self.G
         gen = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                num_return_sequences=G, batch_size=self.generation_batch_size,
-                               seed=generation_seed(self.seed, step, self.global_rank))
-        groups = list(generate(self.bundle, prompts, gen))
+                               seed=generation_seed(self.seed, step, self.global_rank), lockstep=self.lockstep)
+        groups = list(generate(self.bundle, prompts, gen, **({"pad_prompt": pad} if self.lockstep else {})))
         if len(groups) != len(prompts):
             raise UrtError(f"GRPO step {step}: generate returned {len(groups)} groups for {len(prompts)} prompts")
         texts, ids, truncated = [], [], []
@@ -316,10 +330,17 @@ class GRPOModule(StageModule):
         n_seq, n_tok = (float(c) for c in counts.cpu())
         total, bad = 0.0, None
         with dist.no_grad_sync(self._trainer):
-            for s in range(0, len(idx), self.micro_batch_size):
-                mb = idx[s:s + self.micro_batch_size]
+            for mb in self._micro_batches(idx):
+                if not mb:  # padding pass (sharded): a zero loss whose backward reduce-scatters with the others
+                    logp, _ = sequence_logprobs(self.model, self.collate, [self._pad_seq],
+                                                visual_cache=visual_cache, lockstep=True)
+                    if dist.any_rank(False, self.device):  # a non-finite loss elsewhere: no backward anywhere
+                        self._bad_elsewhere = True
+                        break
+                    self.manual_backward(torch.cat(logp).sum() * 0.0)
+                    continue
                 logp, ent = sequence_logprobs(self.model, self.collate, [seqs[i] for i in mb], entropy=first,
-                                              visual_cache=visual_cache)
+                                              visual_cache=visual_cache, lockstep=self.lockstep)
                 logp = pad_rows(logp)
                 comp = pad_rows([seqs[i].labels[seqs[i].prompt_length:] for i in mb], value=IGNORE_INDEX)
                 mask = self._mask(comp).to(logp.device) * (comp != IGNORE_INDEX).to(logp.device)
@@ -328,7 +349,12 @@ class GRPOModule(StageModule):
                     old_logp=None if old is None else pad_rows([old[i] for i in mb]).to(logp.device),
                     ref_logp=None if ref is None else pad_rows([ref[i] for i in mb]).to(logp.device),
                     max_completion_length=self.max_new_tokens)
-                if not bool(torch.isfinite(loss.detach()).all()):  # checked before its backward
+                finite = bool(torch.isfinite(loss.detach()).all())  # checked before its backward
+                if self.lockstep and dist.any_rank(not finite, self.device):
+                    bad = (float(loss.detach()), mb) if not finite else None
+                    self._bad_elsewhere = finite
+                    break
+                if not finite:
                     bad = (float(loss.detach()), mb)
                     break
                 # exact accumulation: token-level losses weigh by tokens, the others by sequences (global
@@ -342,7 +368,11 @@ class GRPOModule(StageModule):
                     if "kl" in m:
                         stats["kl"].append(m["kl"].float().cpu())
                     stats["entropy"].append(torch.cat([e for e in ent]).mean().cpu())
-        total, any_bad = dist.sync_gradients(self, total, bad is not None)
+        # sharded: the gradients were reduce-scattered at each backward, only the loss and the flag move
+        self._bad_elsewhere = getattr(self, "_bad_elsewhere", False)
+        total, any_bad = dist.sync_gradients(self, total, bad is not None or self._bad_elsewhere,
+                                             reduce=not self.lockstep)
+        self._bad_elsewhere = False
         if any_bad:  # every rank stops here, before any optimizer step applies the bad micro-batch
             step = getattr(self, "_step_in_progress", self.rollout_step + 1)
             if bad is None:
@@ -361,12 +391,23 @@ class GRPOModule(StageModule):
         """The loss mask of completion ids: up to and including the first stop token."""
         return completion_mask(completion_ids, self.stop_ids)
 
+    def _micro_batches(self, idx: list[int]) -> list[list[int]]:
+        """`idx` in micro-batches; sharded, padded with empty ones up to the most any rank has (each then a
+        padding pass, see the module docstring)."""
+        mbs = [idx[s:s + self.micro_batch_size] for s in range(0, len(idx), self.micro_batch_size)]
+        if self.lockstep:
+            mbs += [[] for _ in range(dist.max_over_ranks(len(mbs), self.device) - len(mbs))]
+        return mbs
+
     @torch.no_grad()
     def _frozen_logprobs(self, model, seqs, idx, visual_cache=None) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
-        for s in range(0, len(idx), self.micro_batch_size):
-            mb = idx[s:s + self.micro_batch_size]
-            lp, _ = sequence_logprobs(model, self.collate, [seqs[i] for i in mb], visual_cache=visual_cache)
+        for mb in self._micro_batches(idx):
+            if not mb:  # padding pass (sharded): the forward's collectives only
+                sequence_logprobs(model, self.collate, [self._pad_seq], visual_cache=visual_cache, lockstep=True)
+                continue
+            lp, _ = sequence_logprobs(model, self.collate, [seqs[i] for i in mb], visual_cache=visual_cache,
+                                      lockstep=self.lockstep)
             out.update({i: x.detach() for i, x in zip(mb, lp)})
         return out
 
@@ -421,15 +462,32 @@ class GRPOModule(StageModule):
         raise UrtError(f"GRPO step {step}: {what}; run stopped, {where}")
 
     # -------------------------------------------------------------------------------------- plumbing
+    @property
+    def lockstep(self) -> bool:
+        """Whether the policy is sharded (trainer=fsdp): its forwards are collectives (module docstring)."""
+        from urt.models.fsdp import is_sharded
+
+        return is_sharded(self.model)
+
+    def sharded_models(self) -> list:
+        return [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+
     def setup(self, stage: str) -> None:
-        """GRPO runs on one device or with DDP; other strategies are refused before anything is built."""
+        """GRPO runs on one device, with DDP or sharded (urt.stages.sharded); FSDP1 is refused before
+        anything is built."""
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+        from urt.stages.sharded import ShardedStrategy
+
         strategy = self.trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise UrtError(f"GRPO runs on one device or with DDP (trainer=ddp, trainer=ddp_cpu), not with "
-                           f"{type(strategy).__name__}: generation, the frozen reference and the gradient sum "
-                           f"need every rank to hold the full weights (use FSDP for the SFT stages)")
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ShardedStrategy)):
+            raise UrtError(f"GRPO runs on one device, with DDP (trainer=ddp, trainer=ddp_cpu) or sharded "
+                           f"(trainer=fsdp, FSDP2), not with {type(strategy).__name__}")
+        if isinstance(strategy, ShardedStrategy) and any(p.requires_grad for p in self.model.parameters()
+                                                         if id(p) in self._vision_param_ids()):
+            raise UrtError("GRPO under trainer=fsdp needs model.freeze_vision=true (the paper's setting): a "
+                           "trained, hence sharded, vision tower would make every visual pass a collective, "
+                           "and the ranks' image/video passes differ")
         if isinstance(strategy, DDPStrategy) and getattr(strategy, "_ddp_kwargs", {}).get("static_graph"):
             raise UrtError("GRPO needs DDP with static_graph=False: it sums the gradients itself once per "
                            "optimizer step (trainer.strategy.static_graph)")
@@ -437,8 +495,14 @@ class GRPOModule(StageModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # Encoded prompts stay on the host; generate / the collators move what they use
 
+    def _vision_param_ids(self) -> set[int]:
+        from urt.models.sharding import layer_classes
+
+        classes = tuple(layer_classes(self.bundle.family, ("vision",)))
+        return {id(p) for m in self.model.modules() if isinstance(m, classes) for p in m.parameters()}
+
     def on_fit_start(self) -> None:
-        if self.ref_model is not None:
+        if self.ref_model is not None and not self.lockstep:  # sharded: the strategy placed it
             self.ref_model.to(self.device)
 
     def steps_per_epoch(self, batches_per_rank: int) -> int:
