@@ -25,6 +25,7 @@ LAYERS = [
     "urt.generation",
     "urt.rl",                     # GRPO maths, log-prob passes, collectives, rollout log
     "urt.stages",                 # the training stages
+    "urt.plan",                   # the memory plan (urt train runs its check; it reads configs, loads nothing)
     "urt.train",                  # stage name -> builder
     "urt.eval",
     "urt.rollouts",               # reading a run's rollout logs

@@ -11,7 +11,7 @@ from urt.errors import UrtError
 
 # Layers whose subcommands are registered, in the order `urt --help` lists them.
 LAYERS = ("urt.models.cli", "urt.prompts.cli", "urt.data.cli", "urt.eval.cli", "urt.distill_cli", "urt.judge_cli", "urt.serve.cli", "urt.sample_cli", "urt.train_cli", "urt.config_cli",
-          "urt.pipeline_cli", "urt.demo.cli", "urt.sweeps_cli")
+          "urt.pipeline_cli", "urt.plan.cli", "urt.demo.cli", "urt.sweeps_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

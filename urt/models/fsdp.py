@@ -7,8 +7,8 @@ unit's parameters live as 1/world shards (DTensors on the data-parallel mesh); i
 all-gather them in `param_dtype` just for the unit, and backward reduce-scatters its gradients in
 `reduce_dtype` (fp32: the sum over ranks is not rounded to bf16).
 
-**The frozen vision tower stays replicated.** Frozen parameters outside the decoder layers (the vision
-tower and projector as the paper trains: language model only) are `ignored_params`: not sharded, never
+**The frozen vision tower stays replicated.** The frozen parameters of the vision
+tower and the projector (the paper trains the language model only) are `ignored_params`: not sharded, never
 gathered, never reduced; they are cast to `param_dtype` (what the unit would compute with anyway). Why:
 a sharded tower makes every visual forward a collective, so ranks whose batches hold different numbers of
 images and videos (each a separate tower pass), or GRPO's per-rank visual cache, would wait on each other
@@ -48,6 +48,19 @@ def _units(model: torch.nn.Module, family: str, part: str) -> list[torch.nn.Modu
     return [m for m in model.modules() if isinstance(m, classes)]
 
 
+def replicated_parameters(model: torch.nn.Module, family: str) -> tuple[list[torch.nn.Module], list]:
+    """(the vision blocks, the parameters kept replicated): the frozen ones of the vision tower and the
+    projector (why: the module docstring); a trained vision block's are sharded with it."""
+    from urt.models.families import get_family
+
+    spec = get_family(family)
+    vision = _units(model, family, "vision")
+    trained = {id(p) for b in vision for p in b.parameters() if p.requires_grad}
+    in_trained = {id(p) for b in vision if any(id(q) in trained for q in b.parameters()) for p in b.parameters()}
+    return vision, [p for n, p in model.named_parameters() if not p.requires_grad and id(p) not in in_trained
+                    and spec.part_of(n) in ("vision", "projector")]
+
+
 def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str | None = "bf16",
                 reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> torch.nn.Module:
     """Apply FSDP2 to `model` in place (see the module docstring) over the 1-D data-parallel `mesh`;
@@ -61,19 +74,17 @@ def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str |
         names = ", ".join(c.__name__ for c in layer_classes(family, ("decoder",)))
         raise UrtError(f"sharding: the model has no {names} module although model.family={family!r}: FSDP "
                        f"would put every weight in one unit (nothing saved)")
-    in_decoder = {id(p) for layer in decoder for p in layer.parameters()}
-    vision = _units(model, family, "vision")
+    vision, ignored = replicated_parameters(model, family)
     train_vision = any(p.requires_grad for b in vision for p in b.parameters())
-    in_vision = {id(p) for b in vision for p in b.parameters()} if train_vision else set()
-    # frozen and outside the units: replicated (why: the module docstring)
-    ignored = {p for p in model.parameters()
-               if not p.requires_grad and id(p) not in in_decoder and id(p) not in in_vision}
     pdt = dtype_of(param_dtype)
     if pdt is not None:
-        for p in ignored:
+        # frozen weights are only ever used in param_dtype: store them so (a fully frozen model, GRPO's
+        # reference, entirely; a unit keeps one dtype, so a partly trained one keeps its original)
+        frozen = all(not p.requires_grad for p in model.parameters())
+        for p in (model.parameters() if frozen else ignored):
             p.data = p.data.to(pdt)
     mp = MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=dtype_of(reduce_dtype))
-    opts = dict(mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+    opts = dict(mesh=mesh, mp_policy=mp, ignored_params=set(ignored) or None)
     for block in (vision if train_vision else []):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **opts)
     for layer in decoder:

@@ -1,0 +1,224 @@
+"""Bytes per rank of one training stage, from the model's sizes (urt.plan.model) and the composed config.
+
+The formula (docs/scaling.md writes it out with the numbers of each released size):
+
+    weights      DDP: every parameter x m                 FSDP2: trained shards x m + frozen vision x c
+    gradients    trained parameters (their shards) x m
+    optimizer    AdamW: 2 x trained parameters (their shards) x m + 4 bytes per trained tensor (step count)
+    reference    GRPO with a KL term: DDP a deep copy (every parameter x m); FSDP2 shards x c
+    transient    FSDP2: the root unit (embeddings, head) + 2 decoder layers gathered in c, and one layer's
+                 unsharded gradients (c) and their fp32 reduce-scatter buffer; DDP generation under autocast:
+                 its cache of c copies of every weight
+    activations  T = micro-batch x sequence tokens; per decoder layer and token c x (4h + 2 q + 2 kv + 4 i)
+                 elements; checkpointed: L x T x h x c (each layer's input) + one layer's; plus the logits of
+                 the predicted positions, micro-batch x predicted x vocab x (c + 4 + 4) (fp32 log-softmax and
+                 its gradient)
+    KV cache     GRPO generation: batch x G x (prompt + max_new_tokens) x attention layers x 2 x kv heads x
+                 head dim x c (+ Qwen3.5's linear-attention states: fp32 value-head x key x value per layer)
+    peak         weights + gradients + optimizer + reference + max(training pass, generation) + reserve
+
+m: bytes of a master weight (model.dtype: float32 4, bf16 2), c: of the compute dtype (bf16 2 under
+bf16-mixed / FSDP2 param_dtype bf16). The reserve (3 GiB on a GPU) covers the CUDA context, NCCL buffers and
+allocator fragmentation. Weights, gradients and optimizer state are exact (tests/test_plan.py measures them
+on CPU); activations and the KV cache are the dominant terms of transformers' implementation, not a
+measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from urt.errors import UrtError
+from urt.plan.model import ModelSizes
+
+GiB = 1024 ** 3
+RESERVE = 3 * GiB  # CUDA context, NCCL buffers, allocator fragmentation (GPU runs)
+SFT_PREDICTED = 4096  # SFT: predicted (target) tokens per sequence at most (a CoT + answer); capped by max_length
+PROMPT_TEXT = 512  # the paper templates' text tokens around the visuals
+
+
+@dataclass
+class Setting:
+    """How one stage runs, as far as memory goes."""
+
+    stage: str  # sft | grpo
+    strategy: str  # single | ddp | fsdp
+    world: int
+    master: int  # bytes of a master weight
+    compute: int  # bytes of the compute dtype
+    checkpointing: bool
+    micro_batch: int  # sequences per training forward
+    seq_len: int  # tokens per sequence in it
+    predicted: int  # of them, projected onto the vocabulary
+    reference: bool = False
+    generations: int = 0  # G (GRPO)
+    gen_batch: int = 0  # prompts per generate call
+    gen_len: int = 0  # prompt + max_new_tokens
+    reserve: int = RESERVE
+
+    def describe(self) -> str:
+        out = f"{self.strategy} x{self.world}, {'checkpointed' if self.checkpointing else 'no checkpointing'}, " \
+              f"micro-batch {self.micro_batch}"
+        return out + (f", generation batch {self.gen_batch}" if self.stage == "grpo" else "")
+
+
+@dataclass
+class Plan:
+    """Bytes per rank of one stage under one `Setting`."""
+
+    label: str
+    setting: Setting
+    weights: int
+    gradients: int
+    optimizer: int
+    reference: int
+    transient: int
+    activations: int
+    activations_checkpointed: int
+    activations_full: int
+    kv_cache: int
+    gpu_bytes: int
+    alternatives: list = field(default_factory=list)
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.reference
+
+    @property
+    def peak(self) -> int:
+        return self.static + self.transient + max(self.activations, self.kv_cache) + self.setting.reserve
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.gpu_bytes
+
+
+def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80 * GiB) -> Plan:
+    """The `Plan` of `sizes` under `s` (the formula: the module docstring)."""
+    fsdp = s.strategy == "fsdp"
+    world = s.world if fsdp else 1
+    m, c = s.master, s.compute
+    trained = [t for t in sizes.tensors if t.trainable]
+    if fsdp:
+        weights = sum(t.local_numel(world) * m for t in sizes.tensors if t.sharded) + \
+            sum(t.numel * c for t in sizes.tensors if not t.sharded)
+        ref = sum(t.local_numel(world) * c if t.sharded else t.numel * c for t in sizes.tensors) if s.reference else 0
+    else:
+        weights = sizes.count() * m
+        ref = sizes.count() * m if s.reference else 0
+    grads = sum(t.local_numel(world) * m for t in trained)
+    optim = 2 * grads + 4 * len(trained)
+    h, L, i = sizes.hidden, sizes.layers, sizes.intermediate
+    q, kv = sizes.heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim
+    tokens = s.micro_batch * s.seq_len
+    per_layer = tokens * (4 * h + 2 * q + 2 * kv + 4 * i) * c
+    logits = s.micro_batch * s.predicted * sizes.vocab * (c + 4 + 4)
+    act_ckpt = L * tokens * h * c + per_layer + logits
+    act_full = L * per_layer + logits
+    act = act_ckpt if s.checkpointing else act_full
+    layer, root = sizes.unit_numel("decoder."), sizes.unit_numel("root")
+    if fsdp:
+        gathered = (root + 2 * layer) * c
+        transient_train, transient_gen = gathered + layer * (c + 4), gathered
+    else:
+        transient_train, transient_gen = 0, (sizes.count() * c if c < m else 0)  # autocast's weight cache
+    kv_cache = 0
+    if s.stage == "grpo":
+        seqs = s.gen_batch * s.generations
+        kv_cache = seqs * s.gen_len * sizes.attention_layers * 2 * kv * c
+        kv_cache += seqs * (L - sizes.attention_layers) * (sizes.linear_state * 4 + sizes.linear_conv * c)
+        kv_cache += seqs * sizes.vocab * 4 * 2  # a step's fp32 logits and the sampler's copy
+    # the larger phase decides the transient too: training pass vs generation
+    transient = transient_train if act >= kv_cache else transient_gen
+    return Plan(label, s, weights, grads, optim, ref, transient, act, act_ckpt, act_full, kv_cache, gpu_bytes)
+
+
+def candidates(s: Setting) -> list[Setting]:
+    """The settings `fit` tries, the configured one first: its strategy then FSDP2, checkpointing as
+    configured then on, the micro-batch and generation batch as configured then halved down to 1."""
+    out = []
+    strategies = [s.strategy] + (["fsdp"] if s.strategy != "fsdp" and s.world > 1 else [])
+    for strategy in strategies:
+        for ckpt in dict.fromkeys([s.checkpointing, True]):
+            micro = s.micro_batch
+            while True:
+                gen = s.gen_batch
+                while True:
+                    out.append(replace(s, strategy=strategy, checkpointing=ckpt, micro_batch=micro, gen_batch=gen))
+                    if gen <= 1:
+                        break
+                    gen = max(1, gen // 2)
+                if micro <= 1:
+                    break
+                micro = max(1, micro // 2)
+    return out
+
+
+def fit(sizes: ModelSizes, s: Setting, label: str, gpu_bytes: int) -> Plan:
+    """The plan of the configured setting, with `alternatives` holding the first setting that fits when it
+    does not (none when nothing fits)."""
+    plan = bytes_of(sizes, s, label, gpu_bytes)
+    if not plan.fits:
+        for alt in candidates(s)[1:]:
+            p = bytes_of(sizes, alt, label, gpu_bytes)
+            if p.fits:
+                plan.alternatives.append(p)
+                break
+    return plan
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.1f}"
+
+
+def table(plans: list[Plan]) -> str:
+    """The plan as a text table: one row per stage (GiB per rank), and the setting that fits where the
+    configured one does not."""
+    head = ["stage", "strategy", "weights", "grads", "optim", "ref", "act ckpt", "act full", "KV cache",
+            "transient", "peak", "GPU", "fits"]
+    rows = []
+    for p in plans:
+        rows.append([p.label, f"{p.setting.strategy} x{p.setting.world}", gib(p.weights), gib(p.gradients),
+                     gib(p.optimizer), gib(p.reference), gib(p.activations_checkpointed), gib(p.activations_full),
+                     gib(p.kv_cache), gib(p.transient), gib(p.peak), gib(p.gpu_bytes),
+                     "yes" if p.fits else "NO"])
+    widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
+    line = lambda r: "  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out.append("(GiB per rank; act: activations of one micro-batch with / without checkpointing; peak: weights + "
+               "grads + optim + ref + transient + max(act, KV cache) + 3 GiB reserve)")
+    for p in plans:
+        s = p.setting
+        out.append(f"{p.label}: {s.describe()}" + ("" if p.fits else " -> does not fit"))
+        if not p.fits:
+            if p.alternatives:
+                a = p.alternatives[0]
+                out.append(f"  fits with {a.setting.describe()}: peak {gib(a.peak)} GiB ({overrides_for(s, a.setting)})")
+            else:
+                out.append("  nothing tried fits (FSDP2, checkpointing, micro-batch and generation batch 1): more "
+                           "GPUs, or shorter sequences (data.max_length, stage.max_new_tokens)")
+    return "\n".join(out)
+
+
+def overrides_for(old: Setting, new: Setting) -> str:
+    """The overrides that turn the configured setting into `new`."""
+    ov = []
+    if new.strategy != old.strategy:
+        ov.append("trainer=fsdp")
+    if new.checkpointing != old.checkpointing:
+        ov.append(f"model.gradient_checkpointing={str(new.checkpointing).lower()}")
+    if new.micro_batch != old.micro_batch:
+        ov.append(f"{'stage.micro_batch_size' if old.stage == 'grpo' else 'data.batch_size'}={new.micro_batch}")
+    if new.gen_batch != old.gen_batch:
+        ov.append(f"stage.generation_batch_size={new.gen_batch}")
+    return " ".join(ov)
+
+
+def check(plans: list[Plan]) -> None:
+    """UrtError with the table when a stage does not fit (naming it and its peak against the GPU)."""
+    bad = [p for p in plans if not p.fits]
+    if bad:
+        p = bad[0]
+        raise UrtError(f"stage {p.label} needs {gib(p.peak)} GiB per rank under {p.setting.describe()}, more than "
+                       f"the {gib(p.gpu_bytes)} GiB of a GPU: stopped before loading the model (urt plan; "
+                       f"+plan.check=false skips this check)\n{table(plans)}")
