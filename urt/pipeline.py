@@ -211,6 +211,7 @@ class Pipeline:
                                f"(enabled steps: {', '.join(self.steps)})")
         if any(a in self.steps and (not only or a in only) for a in after):
             self._check_eval_targets()
+        self._check_memory(only)
         for name, st in self.steps.items():
             if only and name not in only:
                 continue
@@ -233,6 +234,15 @@ class Pipeline:
         if _rank() == 0:
             self._write_results(results)
         return results
+
+    def _check_memory(self, only: list[str] | None) -> None:
+        """The memory plan of every training step still to run, before the first runs (urt.plan): a GRPO
+        step that cannot fit stops the pipeline now, not after the SFT steps. Planned with the base model
+        (the steps' own starting points do not exist yet; the same architecture)."""
+        from urt.plan import preflight_stages
+
+        todo = [n for n, st in self.steps.items() if st.kind == "train" and not self.done(n) and (not only or n in only)]
+        preflight_stages([(n, self.compose(n), self.base_model()) for n in todo])
 
     def _wait_for(self, name: str, poll: float = 5.0) -> None:
         self.say(f"[{name}] rank {_rank()}: waiting for rank 0 to finish this step")

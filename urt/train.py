@@ -31,8 +31,14 @@ def builder(cfg: DictConfig):
 
 
 def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()):
-    """The stage's parts (bundle, datamodule, module, trainer, ckpt_path); nothing is fitted yet."""
-    return builder(cfg)(cfg, callbacks)
+    """The stage's parts (bundle, datamodule, module, trainer, ckpt_path); nothing is fitted yet. On a GPU
+    the memory plan (urt.plan.preflight) is checked first: a stage that cannot fit stops here, with the
+    plan's table, before its model is loaded."""
+    from urt.plan import preflight
+
+    build_stage = builder(cfg)
+    preflight(cfg)
+    return build_stage(cfg, callbacks)
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> Path:

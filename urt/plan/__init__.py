@@ -166,18 +166,28 @@ def preflight(cfg: DictConfig, label: str | None = None) -> Plan | None:
     """`urt train`'s check before anything is loaded: on a GPU, the stage's plan against the GPU's memory
     (`+plan.gpu_memory_gib` overrides it); UrtError with the table when it does not fit. Skipped on CPU,
     with `+plan.check=false`, or when the model's config cannot be found (logged)."""
-    opts = cfg.get("plan") or {}
-    if not opts.get("check", True) or cfg.get("stage") is None:
-        return None
-    gib = opts.get("gpu_memory_gib")
-    total = int(float(gib) * GiB) if gib else gpu_memory()
-    if total is None or str(cfg.trainer.get("accelerator", "")) == "cpu":
-        return None
-    try:
-        plan = plan_config(cfg, label or str(cfg.stage.get("name")), total)
-    except UrtError as e:
-        log.warning("memory plan skipped: %s", e)
-        return None
-    check([plan])
-    log.info("memory plan: %s needs %.1f GiB per rank of %.1f", plan.label, plan.peak / GiB, total / GiB)
-    return plan
+    plans = preflight_stages([(label or str(cfg.stage.get("name", "stage")), cfg, None)]) \
+        if cfg.get("stage") is not None else []
+    return plans[0] if plans else None
+
+
+def preflight_stages(stages: list[tuple[str, DictConfig, str | None]]) -> list[Plan]:
+    """`preflight` of several stages at once (`urt pipeline`: every training step before the first runs):
+    (label, composed config, model to plan with or None). Returns the plans checked."""
+    plans = []
+    for label, cfg, model in stages:
+        opts = cfg.get("plan") or {}
+        if not opts.get("check", True) or str(cfg.trainer.get("accelerator", "")) == "cpu":
+            continue
+        gib = opts.get("gpu_memory_gib")
+        total = int(float(gib) * GiB) if gib else gpu_memory()
+        if total is None:
+            continue
+        try:
+            plans.append(plan_config(cfg, label, total, model=model))
+        except UrtError as e:
+            log.warning("memory plan of %s skipped: %s", label, e)
+    check(plans)
+    for p in plans:
+        log.info("memory plan: %s needs %.1f GiB per rank of %.1f", p.label, p.peak / GiB, p.gpu_bytes / GiB)
+    return plans
