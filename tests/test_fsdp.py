@@ -1,9 +1,10 @@
 """The sharded strategy (trainer=fsdp_cpu: FSDP2 over gloo on 2 CPU processes, fp32) computes what one
 process computes on the same global batch, and its checkpoints resume exactly.
 
-- SFT: 2 steps, killed (a fresh process), resumed from the sharded checkpoint folder for a third: every
-  step's loss, full gradient (gathered from the shards) and the final weights equal one process's to 1e-6;
-  the gathered hf/ export is a plain transformers folder whose logits equal the one-process model's.
+- SFT (activation checkpointing on): 2 steps, then a fresh fit resumed from the sharded checkpoint folder
+  for a third: every step's loss, full gradient (gathered from the shards) and the final weights equal one
+  process's to 1e-6; the gathered hf/ export is a plain transformers folder whose logits equal the
+  one-process model's; rank 0's bytes of parameters, gradients and AdamW state are the memory plan's.
 - GRPO (canned rollouts, as tests/test_ddp.py): μ = 2 with clipping on images (qwen2_5_vl), μ = 1 on
   video (qwen3_vl) with a rank that keeps no sequence (so the ranks' forward counts differ and the padding
   passes keep them in lockstep): gradients, losses, updated weights equal one process's; resume repeats the
@@ -37,6 +38,35 @@ class FullGradDump(GradDump):
                            if p.requires_grad and p.grad is not None})
 
 
+class MemoryProbe(GradDump):
+    """FullGradDump that also records this rank's bytes of parameters, gradients (at the first optimizer
+    step) and optimizer state (after it): what urt.plan counts per rank (tests/test_plan.py compares)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.bytes: dict[str, int] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        from urt.models.fsdp import full_tensor, local_numel
+
+        self.module = pl_module
+        self.grads.append({n: full_tensor(p.grad.detach()).clone() for n, p in pl_module.model.named_parameters()
+                           if p.requires_grad and p.grad is not None})
+        if not self.bytes:
+            ps = list(pl_module.model.parameters())
+            self.bytes["weights"] = sum(local_numel(p) * p.element_size() for p in ps)
+            self.bytes["gradients"] = sum(local_numel(p.grad) * p.grad.element_size() for p in ps if p.grad is not None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from urt.models.fsdp import local_numel
+
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if "optimizer" not in self.bytes and trainer.global_step >= 1:
+            opt = trainer.optimizers[0]
+            self.bytes["optimizer"] = sum(local_numel(v) * v.element_size() for st in opt.state.values()
+                                          for v in st.values() if isinstance(v, torch.Tensor))
+
+
 def _max_diff(a: list[dict], b: list[dict]) -> float:
     assert len(a) == len(b) and a
     out = 0.0
@@ -53,14 +83,17 @@ def _sft_worker(rank: int, root: str, shards: str, out: str) -> None:
 
     dump = Path(out) / f"fsdp-sft-rank{rank}.pt"
     losses, written = [], []
+    probe = {}
     for steps in (2, 3):  # 2 steps, then resumed from checkpoints/last.ckpt (a folder of shards) for a third
-        cb = FullGradDump(dump)
-        train(_sft_cfg(Path(root), shards, "fsdp", steps, "trainer=fsdp_cpu"), callbacks=[cb])
+        cb = MemoryProbe(dump)
+        train(_sft_cfg(Path(root), shards, "fsdp", steps, "trainer=fsdp_cpu", "model.gradient_checkpointing=true"),
+              callbacks=[cb])
         losses += cb.losses
+        probe = probe or cb.bytes
         export = next(c for c in cb.module.trainer.callbacks if isinstance(c, HFExport))
         written.append([str(p) for p in export.written])
         assert cb.module.trainer.global_step == steps
-    torch.save({"losses": losses, "written": written}, Path(out) / f"fsdp-sft-rank{rank}-info.pt")
+    torch.save({"losses": losses, "written": written, "bytes": probe}, Path(out) / f"fsdp-sft-rank{rank}-info.pt")
 
 
 def test_fsdp_sft_two_processes_equal_one(tmp_path):
@@ -71,7 +104,7 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path):
 
     shards = _sft_shards(tmp_path / "shards")
     one = GradDump(tmp_path / "sft-one.pt")
-    train(_sft_cfg(tmp_path, shards, "one", 3, "trainer=cpu"), callbacks=[one])
+    train(_sft_cfg(tmp_path, shards, "one", 3, "trainer=cpu", "model.gradient_checkpointing=true"), callbacks=[one])
 
     run_two_processes(_sft_worker, str(tmp_path), shards, str(tmp_path))
     info = [torch.load(tmp_path / f"fsdp-sft-rank{r}-info.pt") for r in (0, 1)]
@@ -101,6 +134,12 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path):
     with torch.no_grad():
         d_logits = float((m1(input_ids=ids).logits - m2(input_ids=ids).logits).abs().max())
     assert d_logits < 1e-5
+    # the memory plan counts rank 0's shards exactly (parameters, gradients, AdamW state)
+    from urt.plan import plan_config
+
+    plan = plan_config(_sft_cfg(tmp_path, shards, "plan", 3, "trainer=fsdp_cpu"), "sft", 80 << 30)
+    assert plan.setting.strategy == "fsdp" and plan.setting.world == 2
+    assert info[0]["bytes"] == {"weights": plan.weights, "gradients": plan.gradients, "optimizer": plan.optimizer}
     print(f"fsdp sft: max|dloss|={max(abs(a - b) for a, b in zip(one_steps, two_steps)):.2e} "
           f"max|dgrad|={d_grad:.2e} max|dweight|={d_w:.2e} max|dlogits|={d_logits:.2e}")
 
