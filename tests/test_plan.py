@@ -114,7 +114,8 @@ def test_a_stage_that_cannot_fit_stops_before_loading(monkeypatch):
 
     monkeypatch.setattr(urt.models, "load_model", no_loading)
     monkeypatch.setattr(urt.models.loading, "load_model", no_loading)
-    cfg = compose_config(["experiment=paper/qwen3_vl/cold_start", "model=qwen3_vl_32b", "trainer=gpu", "trainer.devices=8",
+    cfg = compose_config(["experiment=paper/qwen3_vl/cold_start", "model=qwen3_vl_32b", "trainer=gpu",
+                          "trainer.devices=8",
                           "+plan.gpu_memory_gib=80"])
     with pytest.raises(UrtError, match=r"stage sft needs \d+\.\d GiB per rank under ddp x\d+") as e:
         build(cfg)

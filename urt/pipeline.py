@@ -241,7 +241,8 @@ class Pipeline:
         (the steps' own starting points do not exist yet; the same architecture)."""
         from urt.plan import preflight_stages
 
-        todo = [n for n, st in self.steps.items() if st.kind == "train" and not self.done(n) and (not only or n in only)]
+        todo = [n for n, st in self.steps.items()
+                if st.kind == "train" and not self.done(n) and (not only or n in only)]
         preflight_stages([(n, self.compose(n), self.base_model()) for n in todo])
 
     def _wait_for(self, name: str, poll: float = 5.0) -> None:

@@ -183,7 +183,8 @@ def table(plans: list[Plan]) -> str:
                      gib(p.kv_cache), gib(p.transient), gib(p.peak), gib(p.gpu_bytes),
                      "yes" if p.fits else "NO"])
     widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
-    line = lambda r: "  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
+    def line(r):
+        return "  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(r, widths)))
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append("(GiB per rank; act: activations of one micro-batch with / without checkpointing; peak: weights + "
                "grads + optim + ref + transient + max(act, KV cache) + 3 GiB reserve)")
@@ -193,7 +194,8 @@ def table(plans: list[Plan]) -> str:
         if not p.fits:
             if p.alternatives:
                 a = p.alternatives[0]
-                out.append(f"  fits with {a.setting.describe()}: peak {gib(a.peak)} GiB ({overrides_for(s, a.setting)})")
+                out.append(f"  fits with {a.setting.describe()}: peak {gib(a.peak)} GiB "
+                           f"({overrides_for(s, a.setting)})")
             else:
                 out.append("  nothing tried fits (FSDP2, checkpointing, micro-batch and generation batch 1): more "
                            "GPUs, or shorter sequences (data.max_length, stage.max_new_tokens)")

@@ -130,7 +130,8 @@ def model_sizes(model_cfg: dict) -> ModelSizes:
     if model_cfg.get("lora"):
         raise UrtError("the memory plan covers full training; model.lora is set (LoRA trains with trainer=ddp)")
     config = model_config(model_cfg["name_or_path"], model_cfg.get("family"))
-    family = model_cfg.get("family") or family_from_model_type(config.model_type, getattr(config, "architectures", None))
+    family = model_cfg.get("family") or family_from_model_type(config.model_type,
+                                                               getattr(config, "architectures", None))
     spec = get_family(family)
     with torch.device("meta"):
         model = spec.model_cls()._from_config(config)  # the class urt loads the family with

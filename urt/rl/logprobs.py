@@ -55,7 +55,8 @@ def pad_rows(rows: Sequence[torch.Tensor], value: float = 0.0) -> torch.Tensor:
 
 
 def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy: bool = False,
-                      visual_cache=None, lockstep: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                      visual_cache=None, lockstep: bool = False
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-token log-probs (fp32) of each sequence's completion tokens (one 1-D tensor per sequence, in
     order) and, when asked, the per-token entropies (detached). `collate` is a packed or padded collator,
     or a `urt.rl.shared_prompt.SharedPromptLogprobs` (each prompt run once per micro-batch; the padded
