@@ -1,4 +1,7 @@
-"""FSDP wrapping of the urt families (conf/trainer/fsdp.yaml points Hydra at these functions).
+"""The sharding units of the urt families: `layer_classes` names each family's decoder-layer and vision-block
+classes, which urt.models.fsdp (FSDP2, conf/trainer/fsdp.yaml) makes its units and urt.plan counts. The
+FSDP1 helpers below (`wrap_policy`, `checkpoint_policy`, `mixed_precision`) serve Lightning's FSDPStrategy
+for whoever configures it by hand; urt's own sharded strategy is urt.stages.sharded.
 
 FSDP shards a model unit by unit: every module the `auto_wrap_policy` selects becomes one unit whose
 parameters are gathered just for its forward/backward, the rest stays in the root unit. For the
