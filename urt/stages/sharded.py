@@ -92,6 +92,10 @@ class ShardedStrategy(ModelParallelStrategy):
                            "with trainer=ddp (model.lora=null for full training)")
         for model in module.sharded_models():
             self.shard(model, family)
+            if model is not module.model:
+                # fully_shard moves the shards to the mesh's device; a frozen model outside the LightningModule
+                # (GRPO's reference) still needs its replicated vision tower and its buffers moved
+                model.to(self.root_device)
 
 
 def is_sharded_strategy(trainer) -> bool:
