@@ -101,7 +101,9 @@ def test_paper_pipeline_runs_with_the_tiny_model(family_dir, tmp_path, shards):
         paper = compose_config([exp(experiment)])
         assert paper.optimizer.lr == 2.5e-6 and paper.optimizer.weight_decay == 0.0
         assert paper.scheduler.warmup_ratio == 0.03 and paper.stage.effective_batch_size == 128
-        assert paper.trainer.max_epochs == 3 and paper.trainer.precision == "bf16-mixed"
+        # bf16 compute: the sharded strategy's param_dtype (trainer=fsdp; fp32 master shards, fp32 reduction)
+        assert paper.trainer.max_epochs == 3 and paper.trainer.precision == "32-true"
+        assert paper.trainer.strategy.param_dtype == "bf16" and paper.trainer.strategy.reduce_dtype == "fp32"
         assert paper.data.max_length == 13000 and paper.data.target == "cot" and paper.data.order == "keep"
         assert paper.model.gradient_checkpointing and paper.model.freeze_vision and paper.model.freeze_projector
         if stage == "cold_start":
