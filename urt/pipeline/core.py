@@ -17,7 +17,7 @@ A pipeline experiment (conf/experiment/**/pipeline.yaml, the ablations, the demo
 Step kinds (urt/pipeline/steps.py): `train` (what `urt train` runs: SFT or GRPO by the step's `stage`),
 `sample` (`urt sample`: rejection sampling), `distill` (`urt distill`: the step's `options` are settings of
 conf/distill/<options.teacher>.yaml), and kinds other packages register in a module the pipeline lists in
-`imports` (the demo's `demo_data` and `demo_vision`: `pipeline.imports: [urt.demo.steps]`). Each step
+`imports` (the demo's data and vision steps: `pipeline.imports: [urt.demo.steps]`). Each step
 composes the root config with, in order: its stage experiment (`experiment: NAME` -> `experiment=NAME`),
 the pipeline's `overrides` (pipeline-wide defaults, e.g. the model size of a family's stage experiments; the
 command line beats them), the pipeline's own overrides from the command line (those not about
@@ -25,10 +25,10 @@ command line beats them), the pipeline's own overrides from the command line (th
 the kind's output key (train `stage.run_dir`, sample `sample.out_dir`, distill `distill.out_dir`) =
 dir/<step>, `model.name_or_path` = the `init` step's final HF folder, the kind's data key (train
 `data.train_shards`, sample `sample.shards`, distill `distill.shards`) = dir/<data>; then it runs its kind's
-function on that config, the function the kind's command runs too. A step that finished writes dir/<step>/DONE and is skipped on re-run; an
-interrupted train step resumes from its last.ckpt. `enabled: false` drops a step (ablations). A step whose
-`init` step is disabled starts from that step's own starting point, recursively, and at the end of that chain
-from the pipeline's base model (the pipeline config's `model.name_or_path`: the experiment's model, or
+function on that config, the function the kind's command runs too. A step that finished writes
+dir/<step>/DONE and is skipped on re-run; an interrupted train step resumes from its last.ckpt.
+`enabled: false` drops a step (ablations). A step whose `init` step is disabled starts from that step's own
+starting point, recursively, and at the end of that chain from the pipeline's base model (the pipeline config's `model.name_or_path`: the experiment's model, or
 `model=…` from the command line); a step without `init` starts from its own config's model.
 `extra_overrides` (empty in the shipped configs) are appended after `overrides`: sweeps set them
 (`"pipeline.steps.grpo.extra_overrides=['stage.beta=0.0']"`) without repeating the step's own overrides.
