@@ -28,8 +28,9 @@ dir/<step>, `model.name_or_path` = the `init` step's final HF folder, the kind's
 function on that config, the function the kind's command runs too. A step that finished writes
 dir/<step>/DONE and is skipped on re-run; an interrupted train step resumes from its last.ckpt.
 `enabled: false` drops a step (ablations). A step whose `init` step is disabled starts from that step's own
-starting point, recursively, and at the end of that chain from the pipeline's base model (the pipeline config's `model.name_or_path`: the experiment's model, or
-`model=…` from the command line); a step without `init` starts from its own config's model.
+starting point, recursively, and at the end of that chain from the pipeline's base model (the pipeline
+config's `model.name_or_path`: the experiment's model, or `model=…` from the command line); a step without
+`init` starts from its own config's model.
 `extra_overrides` (empty in the shipped configs) are appended after `overrides`: sweeps set them
 (`"pipeline.steps.grpo.extra_overrides=['stage.beta=0.0']"`) without repeating the step's own overrides.
 

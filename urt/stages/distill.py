@@ -824,8 +824,9 @@ def distill(samples_iter: Iterable[Sample], teacher: Teacher, out_dir: str | Pat
 # The keyword options each teacher takes (its constructor's, less the test hook `client`).
 TEACHER_OPTIONS = {
     "rule": ("template_set", "seed", "dimensions", "style"),
-    "openai": ("base_url", "model", "api_key", "template_set", "concurrency", "timeout", "max_retries", "backoff_base",
-               "backoff_max", "temperature", "max_tokens", "image_format", "frames", "max_pixels", "extra_body", "seed"),
+    "openai": ("base_url", "model", "api_key", "template_set", "concurrency", "timeout", "max_retries",
+               "backoff_base", "backoff_max", "temperature", "max_tokens", "image_format", "frames", "max_pixels",
+               "extra_body", "seed"),
 }
 
 
