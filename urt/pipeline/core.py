@@ -151,7 +151,8 @@ class Pipeline:
         return (self.step_dir(name) / DONE).exists()
 
     def model_of(self, name: str | None) -> str | None:
-        """The final HF folder a step leaves (train steps); None for no step / a disabled step."""
+        """The final HF folder a step leaves (kinds registered leaves_model: train, ...); None for no step / a
+        disabled step."""
         if not name or name not in self.steps:
             return None
         if not step_kind(self.steps[name].kind).leaves_model:
