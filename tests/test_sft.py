@@ -288,7 +288,7 @@ def test_hf_folder_loads_in_plain_transformers(tmp_path, shards):
 def test_cli_train_prints_run_dir_and_hf_folder(tmp_path, shards, capsys, monkeypatch):
     import argparse
 
-    from urt import train_cli
+    from urt.stages import cli as train_cli
 
     parser = argparse.ArgumentParser()
     train_cli.register(parser.add_subparsers())

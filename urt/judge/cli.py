@@ -1,4 +1,4 @@
-"""`urt judge`: judge one pair from the command line.
+"""`urt judge`: judge one pair from the command line (urt.judge.Judge).
 
     urt judge --model CodeGoat24/UnifiedReward-Think-qwen-7b --images a.png b.png --caption "a red apple"
     urt judge --model ckpt/ --videos a.mp4 b.mp4 --caption "a dog surfing"
@@ -75,7 +75,7 @@ def _print(verdict, args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from urt.generation import GenerationConfig
-    from urt.judge import Judge
+    from urt.judge.core import Judge
 
     kind = _check(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -1,4 +1,4 @@
-"""`Judge`: a UnifiedReward-Think model as a pairwise judge you can call from Python.
+"""`Judge`: a UnifiedReward-Think model as a pairwise judge you can call from Python (re-exported by urt.judge).
 
     from urt import Judge
     judge = Judge("CodeGoat24/UnifiedReward-Think-qwen-7b")        # or a local folder, or "tiny"
