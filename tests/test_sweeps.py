@@ -25,17 +25,13 @@ SWEEPS = REPO / "experiments" / "sweeps"
 ARRAY = REPO / "slurm" / "array.sbatch"
 MULTINODE = REPO / "slurm" / "multinode.sbatch"
 
-<<<<<<< HEAD
-GRPO_LIST = "pipeline.steps.grpo.overrides=['stage.loss.beta=0.0','optimizer.lr=1e-6']"
-=======
 
 def sweep_main(argv: list[str]) -> int:
     """`urt sweep ARGV` through the pipeline package's own entry point (`python -m urt.pipeline.cli`)."""
     return pipeline_cli_main(["sweep", *argv])
 
 
-GRPO_LIST = "pipeline.steps.grpo.overrides=['stage.beta=0.0','optimizer.lr=1e-6']"
->>>>>>> cli
+GRPO_LIST = "pipeline.steps.grpo.overrides=['stage.loss.beta=0.0','optimizer.lr=1e-6']"
 FIXTURE_SWEEP = f"""\
 # a fixture sweep: comments, blanks, quoting
 experiment=paper/qwen2_5_vl_7b/pipeline   # run 0, trailing comment
