@@ -439,9 +439,10 @@ def test_grpo_refuses_sharded_strategies():
 
     from urt.errors import UrtError
     from urt.models import load_model
+    from urt.rl.objective import PolicyLoss
     from urt.stages.grpo import GRPOModule
 
-    module = GRPOModule(load_model("tiny", family="qwen2_5_vl"), beta=0, num_generations=2)
+    module = GRPOModule(load_model("tiny", family="qwen2_5_vl"), loss=PolicyLoss(beta=0), num_generations=2)
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(UrtError, match="GRPO runs on one device or with DDP"):
         module.setup("fit")

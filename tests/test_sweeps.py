@@ -80,7 +80,7 @@ def test_shell_line_round_trips_through_bash_eval():
     ("seed=1 'tags=[a,b]", r"bad\.txt:3: cannot split the line into overrides \(No closing quotation\)"),
     ('experiment=x "unterminated', r"bad\.txt:3: cannot split .*No closing quotation"),
     ("urt pipeline experiment=x", r"bad\.txt:3: 'urt' is not a Hydra override"),
-    ("stage.loss.beta=0,0.04", r"bad\.txt:3: 'stage\.beta=0,0\.04' is a sweep over several values"),
+    ("stage.loss.beta=0,0.04", r"bad\.txt:3: 'stage\.loss\.beta=0,0\.04' is a sweep over several values"),
     ("pipeline.steps.grpo.overrides=[stage.loss.beta=0.0,optimizer.lr=1e-6]",
      r"bad\.txt:3: .* is not a valid Hydra override: .*must be quoted inside the brackets"),
     ("model=[unclosed", r"bad\.txt:3: 'model=\[unclosed' is not a valid Hydra override"),
