@@ -147,3 +147,36 @@ def test_unpacked_forwards_are_left_alone_and_a_packed_row_with_a_cache_is_refus
     assert hybrid._before(layer, (hidden,), {"position_ids": pos, "attention_mask": torch.ones(1, 12)}) is None
     with pytest.raises(UrtError, match="use_cache=False"):
         hybrid._before(layer, (hidden,), {"position_ids": pos, "attention_mask": None, "cache": object()})
+
+
+def test_hybrid_cache_holds_what_transformers_cache_holds():
+    """`hybrid_cache` against transformers' own cache for the model: a left-padded prefill of two prompts and
+    decode steps give equal logits and states; selecting and repeating rows gives each row's own states
+    (what the shared prompts and the shared prefill rely on)."""
+    from transformers.cache_utils import DynamicCache
+
+    b = build_tiny("qwen3_5", seed=0)
+    model = b.model.eval()
+    ours, ref = hybrid.hybrid_cache(model), DynamicCache(config=model.config)
+    assert [type(x).__name__ for x in ours.layers] == ["LinearStateLayer"] * 3 + ["DynamicLayer"]
+    assert hybrid.hybrid_cache(build_tiny("qwen2_5_vl", seed=0).model) is None  # no linear attention
+    ids = torch.randint(10, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0  # the second prompt is 5 tokens, left-padded
+    with torch.no_grad():
+        for step in range(4):
+            kw = dict(input_ids=ids, attention_mask=mask, use_cache=True)
+            a = model(**kw, cache=ours).logits
+            r = model(**kw, cache=ref).logits
+            torch.testing.assert_close(a, r, atol=1e-6, rtol=0)
+            nxt = r[:, -1].argmax(-1, keepdim=True)
+            ids, mask = nxt, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        for i in range(3):
+            torch.testing.assert_close(ours.layers[i].recurrent_states[0], ref.layers[i].recurrent_states[0])
+            torch.testing.assert_close(ours.layers[i].conv_states[0], ref.layers[i].conv_states[0])
+        rec = [ours.layers[i].recurrent_states[0].clone() for i in range(3)]
+        ours.batch_select_indices(torch.tensor([1, 0, 1]))
+        ours.batch_repeat_interleave(2)
+        for i in range(3):
+            assert torch.equal(ours.layers[i].recurrent_states[0], rec[i][[1, 1, 0, 0, 1, 1]])
+        assert ours.layers[3].keys.shape[0] == 6 and ours.get_seq_length() == 12
