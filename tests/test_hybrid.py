@@ -180,3 +180,17 @@ def test_hybrid_cache_holds_what_transformers_cache_holds():
         for i in range(3):
             assert torch.equal(ours.layers[i].recurrent_states[0], rec[i][[1, 1, 0, 0, 1, 1]])
         assert ours.layers[3].keys.shape[0] == 6 and ours.get_seq_length() == 12
+
+
+def test_hooks_leave_generation_and_unpacked_forwards_alone():
+    """The hooked model generates what the stock model generates (unpadded and left-padded prefills with a
+    cache, decode steps, the shared prefill): only rows whose positions restart are touched."""
+    from urt.generation import GenerationConfig, generate
+
+    stock, hooked = build_tiny("qwen3_5", seed=0), build_tiny("qwen3_5", seed=0)
+    hybrid.isolate_packed_samples(hooked.model)
+    enc = SampleEncoder(stock.processor, "qwen3_5", mode="prompt")
+    ps = [enc(s) for s in four_task_samples(video_data=False)][:3]
+    for cfg in (GenerationConfig(max_new_tokens=5, batch_size=1),
+                GenerationConfig(max_new_tokens=5, temperature=1.0, num_return_sequences=2, batch_size=3, seed=1)):
+        assert generate(hooked, ps, cfg) == generate(stock, ps, cfg)
