@@ -194,3 +194,17 @@ def test_hooks_leave_generation_and_unpacked_forwards_alone():
     for cfg in (GenerationConfig(max_new_tokens=5, batch_size=1),
                 GenerationConfig(max_new_tokens=5, temperature=1.0, num_return_sequences=2, batch_size=3, seed=1)):
         assert generate(hooked, ps, cfg) == generate(stock, ps, cfg)
+
+
+def test_sft_loss_packed_equals_padded():
+    """data.collate=packed for qwen3_5: the SFT loss of a packed batch is the padded batch's."""
+    from urt.stages.sft import SFTModule
+
+    b = build_tiny("qwen3_5", seed=0)
+    encs = samples(b)
+    module = SFTModule(b)
+    with torch.no_grad():
+        packed_loss, n_packed = module(make_collator("packed", b)(encs))
+        padded_loss, n_padded = module(make_collator("padded", b)(encs))
+    assert int(n_packed) == int(n_padded) > 0
+    assert float(packed_loss) == pytest.approx(float(padded_loss), rel=1e-6)
