@@ -60,7 +60,7 @@ def packed_diff(logits_row, encs, ref) -> float:
     return d
 
 
-def test_packed_rows_equal_separate_samples_and_leak_without_the_hooks():
+def test_packed_rows_equal_separate_samples_and_leak_without_the_hooks(caplog):
     b = build_tiny("qwen3_5", seed=0)
     encs = samples(b)
     lens = [len(e) for e in encs]
@@ -68,8 +68,11 @@ def test_packed_rows_equal_separate_samples_and_leak_without_the_hooks():
     assert b.model.config.text_config.linear_conv_kernel_dim == 4 and 64 % 4 == 0
     ref = separate(b.model, encs)
     stock = build_tiny("qwen3_5", seed=0)  # same weights, no hooks: transformers' own packed forward
-    collator = make_collator("packed", b)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="urt"):
+        collator = make_collator("packed", b)
     assert isinstance(collator, PackedCollator)
+    assert not [r for r in caplog.records if r.name.startswith("urt")]  # packed, no fallback warning
     assert len(hybrid.linear_attention_layers(b.model)) == 3
     assert all(getattr(layer, hybrid._HOOKED) for layer in hybrid.linear_attention_layers(b.model))
     batch = model_inputs(collator(encs))

@@ -31,6 +31,7 @@ selected state into the prompt pass that made it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -52,11 +53,16 @@ def is_hybrid(model) -> bool:
     return bool(linear_attention_layers(model))
 
 
+@functools.lru_cache(maxsize=1)
+def _kernel_packages() -> bool:
+    """flash-linear-attention and causal-conv1d both importable (what transformers picks up at import)."""
+    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("causal_conv1d") is not None
+
+
 def _varlen_kernels(hidden: torch.Tensor) -> bool:
     """Whether this packed row can go to the variable-length kernels: on CUDA, with both packages present
     (transformers' torch fallbacks raise when given boundaries)."""
-    return (hidden.is_cuda and importlib.util.find_spec("fla") is not None
-            and importlib.util.find_spec("causal_conv1d") is not None)
+    return hidden.is_cuda and _kernel_packages()
 
 
 def _text_positions(kwargs: dict) -> torch.Tensor | None:
