@@ -19,7 +19,7 @@ on the completion after it (causal attention). `SharedPromptLogprobs` runs, per 
    policy pass the gradients of the G completions flow back and sum into the one prompt computation);
 3. **completion pass**: per sequence, the prompt's last token followed by its completion tokens,
    right-padded to the longest, on top of the selected cache, with an attention mask over
-   [prompt (right-padded) | this row (right-padded)] and explicit positions: for Qwen's mRoPE families
+   [prompt (padded) | this row (right-padded)] and explicit positions: for Qwen's mRoPE families
    the (temporal, height, width) rows that `urt.data.collate.RopeIndex` gives the full prompt +
    completion sequence, sliced to the completion part (text positions continue after the vision
    grid's); for LLaVA-OneVision plain positions continuing the prompt's. Logits are kept only at the
