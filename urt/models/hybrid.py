@@ -18,7 +18,7 @@ decoder layer so each packed sample starts from a zero state:
 
 The boundaries are read where the model reads them for its full-attention layers: the text row of the
 position ids each decoder layer gets (a sample starts wherever a position is not its predecessor + 1,
-`urt.models.attention.cu_seqlens_from_positions`). Forwards with an attention mask or a cache are left as
+`urt.models.attention.cu_seqlens_from_positions`, computed once per forward). Forwards with an attention mask or a cache are left as
 they are (padded batches, generation); a packed row with a cache is refused (the cache would hold one
 packed row's state).
 
@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
 
 from urt.errors import UrtError
-from urt.models.attention import cu_seqlens_from_positions
+from urt.models.attention import _BOUNDARIES
 
 _HOOKED = "_urt_isolates_packed_samples"
 
@@ -81,10 +81,11 @@ def _before(layer, args, kwargs):
     hidden = args[0] if args else kwargs.get("hidden_states")
     pos = _text_positions(kwargs)
     layer.__dict__.pop("_urt_unpack", None)
-    if hidden is None or pos is None or kwargs.get("attention_mask") is not None or pos.shape[-1] != hidden.shape[1]:
+    if (hidden is None or pos is None or kwargs.get("attention_mask") is not None or hidden.shape[1] < 2
+            or pos.shape[-1] != hidden.shape[1]):  # decode steps, padded batches: nothing packed
         return None
     b, t = pos.shape
-    cu, longest = cu_seqlens_from_positions(pos)
+    cu, longest = _BOUNDARIES(pos)  # every layer of a forward gets the same tensor: one host sync per forward
     n = cu.numel() - 1
     if n == b:  # every row is one sequence: nothing to isolate
         return None
