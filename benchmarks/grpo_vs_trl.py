@@ -581,8 +581,8 @@ def print_report(results: dict, args, prompt_lens: list[int], same: bool | None,
 
     con = Console(width=150)
     mode = "natural: stop at EOS" if args.natural_length else f"forced to {args.max_new_tokens} tokens"
-    con.print(f"model: tiny {MODEL_NAMES[args.family]}, {n_params / 1e6:.1f}M parameters (vision tower + projector frozen), fp32, "
-              f"sdpa, {args.threads} torch thread(s); P={args.prompts} prompts x G={args.generations} per step, "
+    con.print(f"model: tiny {MODEL_NAMES[args.family]}, {n_params / 1e6:.1f}M parameters (vision tower + "
+              f"projector frozen), fp32, sdpa, {args.threads} torch thread(s); P={args.prompts} prompts x G={args.generations} per step, "
               f"max_new_tokens={args.max_new_tokens} ({mode}), temperature {args.temperature}, beta {args.beta}, "
               f"lr {args.lr}, mu=1; prompts {min(prompt_lens)}-{max(prompt_lens)} tokens (mean "
               f"{statistics.mean(prompt_lens):.0f}, {args.image_size}px image pairs)"
