@@ -107,6 +107,8 @@ class _Boundaries:
         self.value = None
 
     def __call__(self, position_ids: torch.Tensor):
+        if position_ids.is_inference():  # no version counter (generate runs under inference_mode): not cached
+            return cu_seqlens_from_positions(position_ids)
         if self.tensor is not position_ids or self.version != position_ids._version:
             self.value = cu_seqlens_from_positions(position_ids)
             self.tensor, self.version = position_ids, position_ids._version
