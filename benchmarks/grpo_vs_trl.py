@@ -304,6 +304,7 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
     from urt.data.encode import IGNORE_INDEX, SampleEncoder
     from urt.generation import stop_token_ids
     from urt.models import load_model
+    from urt.rl.objective import PolicyLoss
 
     import urt.generation
 
@@ -321,9 +322,9 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
     module = grpo.GRPOModule(
         bundle, optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
         num_generations=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
-        generation_batch_size=P, beta=args.beta, kl_estimator="k3", advantage="paper", aggregation="paper",
-        num_iterations=1, num_mini_batches=1, micro_batch_size=P * G, max_grad_norm=1.0, collate=collate,
-        seed=args.seed, rollout_dir=None)
+        generation_batch_size=P, loss=PolicyLoss(beta=args.beta, kl_estimator="k3", aggregation="paper"),
+        advantage="paper", num_iterations=1, num_mini_batches=1, micro_batch_size=P * G, max_grad_norm=1.0,
+        collate=collate, seed=args.seed)
 
     layout = logprob_layout(module.collate)
 
@@ -597,7 +598,7 @@ def print_report(results: dict, args, prompt_lens: list[int], same: bool | None,
                   f"{r['tokens']:.0f}", f"{r['completion_length']:.1f}", f"{r['logp_completion_length']:.1f}")
     con.print(t)
     con.print("tok/s: generated completion tokens / step wall time; len gen / len logp: mean completion length "
-              "as generated / as scored in the log-prob passes (urt re-tokenises the decoded text)")
+              "as generated / as scored in the log-prob passes (urt scores the sampled ids)")
     t2 = Table(title="log-prob batches per step (tokens through the model, medians)")
     for c in ("side", "pass", "seqs", "real tokens", "padded (rows x longest)", "processed", "prompt once per group"):
         t2.add_column(c, justify="left" if c in ("side", "pass") else "right")
