@@ -40,7 +40,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
 
 from urt.errors import UrtError
-from urt.models.attention import _BOUNDARIES
+from urt.models.attention import packed_boundaries
 
 _HOOKED = "_urt_isolates_packed_samples"
 
@@ -87,7 +87,7 @@ def _before(layer, args, kwargs):
             or pos.shape[-1] != hidden.shape[1]):  # decode steps, padded batches: nothing packed
         return None
     b, t = pos.shape
-    cu, longest = _BOUNDARIES(pos)  # every layer of a forward gets the same tensor: one host sync per forward
+    cu, longest = packed_boundaries(pos)  # every layer of a forward gets the same tensor: one host sync per forward
     n = cu.numel() - 1
     if n == b:  # every row is one sequence: nothing to isolate
         return None
