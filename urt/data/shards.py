@@ -49,6 +49,7 @@ from urt.errors import UrtError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+PARTIAL = ".partial"  # suffix of a shard still being written (write_shards)
 IMAGE_FORMATS = ("png", "jpg")
 VIDEO_STORAGE = ("frames", "file")
 ON_ERROR = ("raise", "skip")
@@ -265,13 +266,16 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
     out.mkdir(parents=True, exist_ok=True)
     pattern_re = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
     existing = sorted(p for p in out.iterdir() if pattern_re.match(p.name))
-    if existing:
-        if not overwrite:
-            raise UrtError(f"{out}: already holds {len(existing)} shard(s) named {prefix}-*.tar "
-                           f"(e.g. {existing[0].name}); pass overwrite=True or choose another prefix/dir")
-        for p in existing:
-            p.unlink()
+    if existing and not overwrite:
+        raise UrtError(f"{out}: already holds {len(existing)} shard(s) named {prefix}-*.tar "
+                       f"(e.g. {existing[0].name}); pass --overwrite (overwrite=True) to replace them, or choose "
+                       f"another --prefix or output folder")
+    for p in out.glob(f"{prefix}-*.tar{PARTIAL}"):  # left by a write that was killed
+        p.unlink()
 
+    # Shards are written as <name>.tar.partial (no reader takes them for shards) and renamed, the index
+    # updated, only once every sample is written: a failed or killed write publishes nothing, and shards
+    # being replaced (overwrite) are kept until then.
     shard_stats: list[dict] = []
     seen: dict[str, str] = {}
 
@@ -279,7 +283,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
 
     def opened(fname: str):
         shard_stats.append(_new_shard_stats(Path(fname).name))
-        handles[fname] = open(fname, "wb")
+        handles[fname] = open(fname + PARTIAL, "wb")
         return handles[fname]
 
     def closed(fname: str):  # TarWriter does not close file objects it did not open
@@ -287,6 +291,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
 
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize,
                              verbose=0, encoder=False, mtime=0, opener=opened, post=closed)
+    ok = False
     try:
         for s in samples:
             if not isinstance(s, Sample):
@@ -306,20 +311,29 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
             # ShardWriter opens the next shard lazily inside write(); count after it is opened.
             writer.write(obj)
             _count(shard_stats[-1], s.task, s.label, s.source)
+        ok = True
     finally:
         writer.close()
         for h in handles.values():
             h.close()
+        if not ok:
+            for st in shard_stats:
+                (out / (st["name"] + PARTIAL)).unlink(missing_ok=True)
     # The writer opens its first shard eagerly; an empty one (no samples at all) is removed.
     paths = []
     kept = []
     for st in shard_stats:
         p = out / st["name"]
         if st["count"] == 0:
-            p.unlink(missing_ok=True)
+            (out / (st["name"] + PARTIAL)).unlink(missing_ok=True)
             continue
         paths.append(p)
         kept.append(st)
+    for p in existing:  # replaced (overwrite): the old set goes only now that the new one is complete
+        if p not in paths:
+            p.unlink()
+    for p in paths:
+        os.replace(str(p) + PARTIAL, p)
     _update_index(out, prefix, kept, {"image_format": image_format, "video_storage": video_storage,
                                       "maxcount": maxcount})
     return paths
@@ -383,6 +397,10 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
             # side of rejection sampling when no trace was correct).
             return []
         if not urls:
+            partial = sorted(x.name for x in p.glob(f"*.tar{PARTIAL}"))
+            if partial:
+                raise UrtError(f"{p}: no .tar shards in this directory, only {len(partial)} unfinished one(s) "
+                               f"({partial[0]}, ...) from a conversion that did not complete: run it again")
             raise UrtError(f"{p}: no .tar shards in this directory")
         return urls
     if "{" in s and ".." in s:
@@ -663,7 +681,9 @@ def make_pipeline(urls, *, shuffle_buffer: int = 0, seed: int = 0, shardshuffle:
 
     url_list = resolve_shards(urls)
     if not url_list:  # an empty shard set (index.json with no shards) reads as no samples
-        return _NoSamples()
+        empty = _NoSamples()
+        empty.urt_stats = stats if stats is not None else SkipStats()
+        return empty
     opts = loading_options(**load_opts)
     guard = _Guard(on_error, stats, expected_counts(url_list))
     ds = wds.WebDataset(url_list, handler=guard.handler, shardshuffle=shardshuffle or False,
