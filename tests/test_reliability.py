@@ -255,3 +255,20 @@ def test_export_carries_the_training_pixel_budget_and_frames(tmp_path, shards, c
     grid = proc.image_processor(images=[small], return_tensors="pt")["image_grid_thw"][0].tolist()
     assert grid[1] * grid[2] * 14 * 14 == 12544  # 64 px -> 112 px, as the training images were
     assert exported_frames(str(final)) == 4
+    from urt.judge import Judge
+
+    judge = Judge(str(final))
+    assert judge.frames == 4
+    enc = judge.encoder(Sample("s", "image_generation", 1, [small, small], caption="c"))
+    assert [g[1] * g[2] * 14 * 14 for g in enc.visual["image_grid_thw"].tolist()] == [12544, 12544]
+
+
+def test_demo_pixel_budget_is_the_size_its_shards_hold():
+    """#31.10: the demo trains on shards already resized to image_size / video_size; its data budget is
+    exactly those sizes, so the exported judge brings a raw 64-px easy-vqa image to the 112 px it learnt."""
+    from urt.config import compose_config
+
+    cfg = compose_config(["+demo=default"])
+    opts = cfg.pipeline.steps.data.options
+    assert cfg.data.min_pixels == cfg.data.max_pixels == opts.image_size ** 2
+    assert cfg.data.video_min_pixels == cfg.data.video_max_pixels == opts.video_size ** 2
