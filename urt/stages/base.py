@@ -9,13 +9,17 @@ Everything a run writes lives in `cfg.stage.run_dir`::
     run_dir/checkpoints/         Lightning state for exact resume (model, optimizer, scheduler, loop and
                                  data position): step-NNNNNN.ckpt every stage.checkpoint.every_n_steps,
                                  last.ckpt (also written at the end of fit)
-    run_dir/hf/final/            plain transformers folder (model + processor) at the end of fit
+    run_dir/hf/final/            plain transformers folder (model + processor, urt.json: the step it holds and
+                                 the training preprocessing) at the end of fit, or after it when the run ended
+                                 without one (an interrupted export); written under hf/.final.tmp and renamed
     run_dir/hf/step-NNNNNN/      the same every stage.hf.every_n_steps (optional)
     run_dir/csv/, run_dir/wandb/ loggers
+    run_dir/data_summary.json    samples read and skipped per reason over the run
 
-Resume (`stage.resume`): "auto" continues from `run_dir/checkpoints/last.ckpt` when it exists,
-"never" starts fresh (an existing last.ckpt is then an error, so a run is never silently
-overwritten), a path resumes from that checkpoint.
+Resume (`stage.resume`): "auto" continues from `run_dir/checkpoints/last.ckpt` when it exists (a damaged
+one is set aside and the newest intact checkpoint beside it used, with a warning), "never" starts fresh
+(an existing last.ckpt is then an error, so a run is never silently overwritten), a path resumes from
+that checkpoint. Guarantees: docs/reliability.md.
 
 **The module from the config.** `cfg.stage` names its LightningModule by `_target_`; its other keys are the
 module's constructor arguments, except the run settings every stage shares (`RUN_KEYS`: name, run_name,
@@ -236,8 +240,11 @@ class ResumableCSVLogger(_CSVLogger):
     def write_ahead(self, metrics: dict, step: int) -> None:
         """Write the row of `step` now (and flush): Lightning sends it again after the checkpoint, and
         `log_metrics` then writes only what was not in it."""
-        super().log_metrics(metrics, step)
-        self._early[step] = set(metrics)
+        done = self._early.setdefault(step, set())
+        new = {k: v for k, v in metrics.items() if k not in done}
+        if set(new) - {"epoch"}:  # (the periodic and the last checkpoint of one step both come here)
+            super().log_metrics(new, step)
+            done.update(new)
         self.save()
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
@@ -274,10 +281,11 @@ class FlushLogsAtCheckpoint(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         csv = [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
-        if not csv or not trainer.is_global_zero:
+        if not csv:
             return
         pending = None
         conn = trainer._logger_connector
+        # every rank computes the row (as Lightning does), rank 0 writes it
         if self._in_batch_end and conn.should_update_logs:
             from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 
@@ -285,6 +293,8 @@ class FlushLogsAtCheckpoint(Callback):
             if metrics:  # what Lightning's update_train_step_metrics is about to log, at the same step
                 metrics.setdefault("epoch", trainer.current_epoch)
                 pending = (metrics, trainer.fit_loop.epoch_loop._batches_that_stepped)
+        if not trainer.is_global_zero:
+            return
         for lg in csv:
             if pending is not None:
                 lg.write_ahead(*pending)
