@@ -249,7 +249,7 @@ def test_resume_never_refuses_to_overwrite(tmp_path, shards):
     cfg = _cfg(["model=tiny_qwen2_5_vl", "stage.run_name=r", "stage.resume=never"], tmp_path, shards)
     assert resume_path(cfg) is None
     (Path(cfg.stage.run_dir) / "checkpoints").mkdir(parents=True)
-    (Path(cfg.stage.run_dir) / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 0}, Path(cfg.stage.run_dir) / "checkpoints" / "last.ckpt")
     with pytest.raises(UrtError, match="resume=never"):
         resume_path(cfg)
     cfg.stage.resume = "auto"

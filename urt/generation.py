@@ -334,7 +334,8 @@ def _generate_shared_prefill(model, inputs: dict, copies: int, gen_kwargs: dict,
     head = {k: (v[:, :-1] if k in _TOKEN_INPUTS else v) for k, v in inputs.items()}
     # The prefill is HF's own (a one-token greedy generate), so positions under left padding and Qwen's
     # mRoPE offsets are exactly those of the repeated prompts; the token it picks is not used.
-    quiet = {k: v for k, v in gen_kwargs.items() if k not in ("logits_processor", "max_new_tokens")}
+    quiet = {k: v for k, v in gen_kwargs.items()
+             if k not in ("logits_processor", "max_new_tokens", "stopping_criteria")}  # (per repeated row)
     name = cache_kwarg()
     # a hybrid model's cache is ours either way: HF's linear-attention layers cannot be repeated
     mine = preallocated_cache(model, ids.shape[1] + int(gen_kwargs["max_new_tokens"])) if preallocate \
@@ -367,12 +368,28 @@ def _progress(total: int, desc: str, enabled: bool):
     return prog, prog.add_task(desc, total=total)
 
 
+class _StopRows:
+    """A stopping criterion (HF's per-row protocol) that ends the rows of the prompts `stop` names: asked
+    every decoding step with the prompt indices (input order) of the call, it returns one flag per index."""
+
+    def __init__(self, stop, prompt_of_row: list[int]):
+        self.stop = stop
+        self.prompt_of_row = prompt_of_row
+        self.prompts = sorted(set(prompt_of_row))
+
+    def __call__(self, input_ids, scores, **kwargs):
+        flags = dict(zip(self.prompts, self.stop(self.prompts)))
+        return torch.tensor([bool(flags[p]) for p in self.prompt_of_row], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
-             desc: str = "generating") -> list[list[Completion]]:
+             desc: str = "generating", stop_rows=None) -> list[list[Completion]]:
     """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
     `cfg.num_return_sequences` `Completion`s per prompt (text starting with the prompt's assistant prefix,
-    with the sampled ids)."""
-    from transformers import LogitsProcessorList
+    with the sampled ids). `stop_rows(indices) -> [bool]`, asked every decoding step, ends the generation of
+    the prompts it flags (their completions stop where they are: a server's cancelled or timed-out
+    requests), so the others in the batch go on and the call returns early when all are flagged."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from urt.data.collate import make_collator, model_inputs
     from urt.data.encode import Encoded
@@ -446,6 +463,9 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 batch = collate(rows)
                 inputs = to_device(model_inputs(batch), device, dtype)
                 width = int(inputs["input_ids"].shape[1])
+                if stop_rows is not None:  # rows are each prompt's `copies` samples, in order, on every path
+                    gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                        [_StopRows(stop_rows, [i for i in idx for _ in range(copies)])])
                 try:
                     out = (_generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate)
                            if shared else None)

@@ -327,6 +327,8 @@ class Pipeline:
         targets = self._eval_targets()
         if not targets:
             raise UrtError("pipeline eval needs eval.shards or eval.benchmarks")
+        from urt.models.preprocessing import exported_frames
+
         model = self.model_of(name)
         family = str(self.cfg.model.family)
         if bundle is None:
@@ -343,7 +345,8 @@ class Pipeline:
                                order=str(ev.get("order", "both")), seed=int(ev.get("seed", 0)),
                                max_new_tokens=int(ev.get("max_new_tokens", 1024)),
                                batch_size=int(ev.get("batch_size", 8)), limit=ev.get("limit"),
-                               frames=int(ev.get("frames", 8)), progress=bool(ev.get("progress", True)), **kw)
+                               frames=int(ev["frames"]) if ev.get("frames") else exported_frames(model),
+                               progress=bool(ev.get("progress", True)), **kw)
                 out.setdefault(mode, {})[what] = stage_summary(res)
         first_mode = next(iter(out))
         first = out[first_mode][next(iter(out[first_mode]))]
