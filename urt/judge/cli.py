@@ -120,7 +120,8 @@ def register(subparsers) -> None:
     p.add_argument("--answer2", help="candidate answer 2")
     p.add_argument("--image", help="the image the question is about")
     p.add_argument("--video", help="the video the question is about")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (default 8)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames sampled uniformly per video (default: as the model was trained, else 8)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
