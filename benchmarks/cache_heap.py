@@ -37,7 +37,7 @@ def child(mode: str, runs: str, grounding_steps: int, cold_start_steps: int, scr
 
     from urt.config import compose_config
     from urt.demo.cli import _quiet, demo_overrides
-    from urt.pipeline import Pipeline, _release
+    from urt.pipeline.core import Pipeline, _release
     from urt.train import train
 
     _quiet()

@@ -44,7 +44,14 @@ each prompt once per group (what urt-shared's layout approaches).
 urt's sides differ only in the layout of its log-prob batches (`stage.collate`, urt.rl.shared_prompt):
 `urt` is urt's default (--collate auto: shared prompts on sdpa), `urt-shared` shared prompts, `urt-padded`
 right-padded rows, `urt-packed` one packed row (slow without flash-attention's variable-length kernels); all run
-in the same interleaving as TRL, and the ratio of each to TRL is printed.
+in the same interleaving as TRL, and the ratio of each to TRL is printed. `urt-repeated` is urt with padded
+log-prob batches and generation without the shared prefill and the preallocated cache (prompts repeated G
+times in the batch, HF's own cache): the path Qwen3.5 took before its hybrid cache could be shared; with it
+among the sides, each other urt side's ratio to it is printed too.
+
+--family qwen3_5 runs the urt sides on urt's tiny Qwen3.5 (urt.models.tiny: 3 gated-DeltaNet linear-attention
+layers + 1 full-attention layer, random weights; no TRL side: the comparison with TRL is set up for
+Qwen2.5-VL), e.g. `--family qwen3_5 --sides urt,urt-repeated`.
 
 --profile urt,trl (any of the sides) runs one more short run of each after the measurement, its last step under
 torch.profiler, and prints the top operators by self CPU time (the phases above appear as `bench::*` ranges).
@@ -52,6 +59,7 @@ torch.profiler, and prints the top operators by self CPU time (the phases above 
 Run:  python benchmarks/grpo_vs_trl.py   (defaults: P=2, G=4, 64 new tokens, sides urt-shared, urt-padded,
       urt-packed and trl, 2 runs per side of 1 warmup + 1 timed step; several minutes on 2 CPU cores)
       python benchmarks/grpo_vs_trl.py --sides urt-shared,trl --steps 2 --repeats 3 --profile urt-shared,trl
+      python benchmarks/grpo_vs_trl.py --family qwen3_5 --sides urt,urt-repeated --steps 2 --repeats 3
 Needs TRL (only this script does): pip install trl==1.16.0 (tested with transformers 5.24.0).
 """
 
@@ -59,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import logging
 import shutil
@@ -71,10 +80,13 @@ from collections import defaultdict
 from pathlib import Path
 
 TRL_PIN = "1.16.0"
-FAMILY = "qwen2_5_vl"
-SIDES = ("urt", "trl", "urt-shared", "urt-padded", "urt-packed")
+FAMILIES = ("qwen2_5_vl", "qwen3_5")
+MODEL_NAMES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_5": "Qwen3.5 (3 gated-DeltaNet + 1 full-attention layers)"}
+SIDES = ("urt", "trl", "urt-shared", "urt-padded", "urt-packed", "urt-repeated")
 # urt's sides: the log-prob layout (stage.collate) each runs with; "urt" follows --collate
-SIDE_LAYOUT = {"urt-shared": "shared_prompt", "urt-padded": "padded", "urt-packed": "packed"}
+SIDE_LAYOUT = {"urt-shared": "shared_prompt", "urt-padded": "padded", "urt-packed": "packed", "urt-repeated": "padded"}
+# urt's sides that generate with prompts repeated in the batch and HF's own cache
+REPEATED_GENERATION = ("urt-repeated",)
 PHASES = ("generate", "ref fwd", "policy fwd", "backward", "rest")
 
 # The ~18M-parameter Qwen2.5-VL: urt.models.tiny's config with these sizes (head_dim 64 -> mrope 8+12+12=32).
@@ -91,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="grpo_vs_trl.py",
         description="Whole-step GRPO throughput (completion tokens/s, generation included): urt vs TRL's "
                     "GRPOTrainer on the same ~18M-parameter tiny Qwen2.5-VL.")
+    p.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
+                   help="qwen2_5_vl: the ~18M-parameter model, TRL side possible; qwen3_5: urt's tiny Qwen3.5, "
+                        "urt sides only")
     p.add_argument("--prompts", type=int, default=2, help="prompts per step (P)")
     p.add_argument("--generations", "-G", type=int, default=4, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length cap")
@@ -110,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the log-prob layout of the side `urt` (stage.collate; auto: urt's default)")
     p.add_argument("--sides", default="urt-shared,urt-padded,urt-packed,trl",
                    help="comma list of sides to run: urt (log-prob layout per --collate), urt-shared, urt-padded, "
-                        "urt-packed (urt with that layout), trl")
+                        "urt-packed (urt with that layout), urt-repeated (padded, no shared prefill or "
+                        "preallocated cache), trl")
     p.add_argument("--profile", default="",
                    help="comma list of sides (as --sides) to profile afterwards: one more run each, its last "
                         "step under torch.profiler")
@@ -137,18 +153,24 @@ def require_trl():
 
 
 # ------------------------------------------------------------------------------------------ model + prompts
-def build_model_dir(out: Path, seed: int = 0) -> Path:
-    """Save the ~18M-parameter tiny Qwen2.5-VL (random weights, urt's tiny tokenizer and processor) to `out`."""
+def build_model_dir(out: Path, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    """Save the ~18M-parameter tiny Qwen2.5-VL (random weights, urt's tiny tokenizer and processor) to `out`;
+    for qwen3_5 urt's tiny Qwen3.5 as it is."""
     import torch
     import transformers as tf
 
-    from urt.models.tiny import tiny_config, tiny_processor
+    from urt.models.tiny import build_tiny, tiny_config, tiny_processor
     from urt.models.tokenizer import load_tiny_tokenizer
 
     if (out / "config.json").is_file():
         return out
-    tok = load_tiny_tokenizer(FAMILY)
-    d = tiny_config(FAMILY, tok).to_dict()
+    if family != "qwen2_5_vl":
+        bundle = build_tiny(family, seed=seed, attn_implementation="sdpa")
+        bundle.model.save_pretrained(out)
+        bundle.processor.save_pretrained(out)
+        return out
+    tok = load_tiny_tokenizer("qwen2_5_vl")
+    d = tiny_config("qwen2_5_vl", tok).to_dict()
     d["text_config"].update(TEXT_SIZES)
     d["text_config"].pop("layer_types", None)  # re-derived for the new depth
     d["text_config"]["rope_parameters"]["mrope_section"] = list(MROPE_SECTION)
@@ -163,7 +185,7 @@ def build_model_dir(out: Path, seed: int = 0) -> Path:
     model.generation_config.bos_token_id = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tiny_processor(FAMILY, tok).save_pretrained(out)
+    tiny_processor("qwen2_5_vl", tok).save_pretrained(out)
     return out
 
 
@@ -260,6 +282,8 @@ def _wrap_generate(model, probe: Probe) -> None:
     def generate(*args, **kwargs):
         with probe.phase("generate"):
             out = original(*args, **kwargs)
+        if kwargs.get("max_new_tokens") == 1 and kwargs.get("return_dict_in_generate"):
+            return out  # urt's shared prefill encoding the prompts: its one token is dropped, not a completion
         ids = kwargs.get("input_ids", args[0] if args else None)
         seqs = out if not hasattr(out, "sequences") else out.sequences
         probe.count_generated(seqs, int(ids.shape[1]))
@@ -269,7 +293,8 @@ def _wrap_generate(model, probe: Probe) -> None:
 
 
 # ------------------------------------------------------------------------------------------ urt side
-def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False, collate: str | None = None):
+def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False, collate: str | None = None,
+            repeated_generation: bool = False):
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -279,23 +304,27 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
     from urt.data.encode import IGNORE_INDEX, SampleEncoder
     from urt.generation import stop_token_ids
     from urt.models import load_model
+    from urt.rl.objective import PolicyLoss
+
+    import urt.generation
 
     collate = collate or args.collate
-    bundle = load_model(str(model_dir), family=FAMILY, attn_implementation="sdpa", dtype="float32", device="cpu")
+    family = args.family
+    bundle = load_model(str(model_dir), family=family, attn_implementation="sdpa", dtype="float32", device="cpu")
     if not args.natural_length:
         bundle.model.generation_config.min_new_tokens = args.max_new_tokens
     probe = Probe(stop_token_ids(bundle))
     P, G = args.prompts, args.generations
-    encoder = SampleEncoder(bundle.processor, FAMILY, mode="prompt")
+    encoder = SampleEncoder(bundle.processor, family, mode="prompt")
     batcher = grpo.PromptBatch()
     loader = DataLoader(samples[: P * n_steps], batch_size=P, shuffle=False, num_workers=0,
                         collate_fn=lambda items: batcher([encoder(s) for s in items]))
     module = grpo.GRPOModule(
         bundle, optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.0),
         num_generations=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
-        generation_batch_size=P, beta=args.beta, kl_estimator="k3", advantage="paper", aggregation="paper",
-        num_iterations=1, num_mini_batches=1, micro_batch_size=P * G, max_grad_norm=1.0, collate=collate,
-        seed=args.seed, rollout_dir=None)
+        generation_batch_size=P, loss=PolicyLoss(beta=args.beta, kl_estimator="k3", aggregation="paper"),
+        advantage="paper", num_iterations=1, num_mini_batches=1, micro_batch_size=P * G, max_grad_norm=1.0,
+        collate=collate, seed=args.seed)
 
     layout = logprob_layout(module.collate)
 
@@ -350,11 +379,20 @@ def run_urt(args, model_dir: Path, samples, n_steps: int, profile: bool = False,
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=n_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer])
+    original_generate = urt.generation.generate
+
+    def generate_repeated(bundle, prompts, cfg, **kw):  # GRPOModule imports generate at each call
+        return original_generate(bundle, prompts, dataclasses.replace(cfg, shared_prefill=False, preallocate=False),
+                                 **kw)
+
     grpo.sequence_logprobs = sequence_logprobs
+    if repeated_generation:
+        urt.generation.generate = generate_repeated
     try:
         trainer.fit(module, train_dataloaders=loader)
     finally:
         grpo.sequence_logprobs = original_logprobs
+        urt.generation.generate = original_generate
     if len(probe.steps) != n_steps:
         raise RuntimeError(f"urt ran {len(probe.steps)} steps, expected {n_steps}")
     for rec in probe.steps:
@@ -488,7 +526,7 @@ def run_trl(args, model_dir: Path, dataset, trainable: set[str], vision_ids: lis
 
 
 # ------------------------------------------------------------------------------------------ checks + report
-def prompt_lengths(model_dir: Path, samples, dataset=None) -> tuple[list[int], bool | None]:
+def prompt_lengths(model_dir: Path, samples, dataset=None, family: str = "qwen2_5_vl") -> tuple[list[int], bool | None]:
     """urt's prompt lengths and, given TRL's dataset, whether TRL's own tokenisation of every row (its
     `prepare_multimodal_messages` + the processor's chat template) gives urt's token ids and pixels exactly."""
     from transformers import AutoProcessor
@@ -496,8 +534,8 @@ def prompt_lengths(model_dir: Path, samples, dataset=None) -> tuple[list[int], b
     from urt.data.encode import SampleEncoder
     from urt.models import load_model
 
-    bundle = load_model(str(model_dir), family=FAMILY, attn_implementation="sdpa", dtype="float32", device="cpu")
-    encoder = SampleEncoder(bundle.processor, FAMILY, mode="prompt")
+    bundle = load_model(str(model_dir), family=family, attn_implementation="sdpa", dtype="float32", device="cpu")
+    encoder = SampleEncoder(bundle.processor, family, mode="prompt")
     ours = [encoder(s) for s in samples]
     lens = [len(e) for e in ours]
     if dataset is None:
@@ -544,8 +582,8 @@ def print_report(results: dict, args, prompt_lens: list[int], same: bool | None,
 
     con = Console(width=150)
     mode = "natural: stop at EOS" if args.natural_length else f"forced to {args.max_new_tokens} tokens"
-    con.print(f"model: tiny Qwen2.5-VL, {n_params / 1e6:.1f}M parameters (vision tower + projector frozen), fp32, "
-              f"sdpa, {args.threads} torch thread(s); P={args.prompts} prompts x G={args.generations} per step, "
+    con.print(f"model: tiny {MODEL_NAMES[args.family]}, {n_params / 1e6:.1f}M parameters (vision tower + "
+              f"projector frozen), fp32, sdpa, {args.threads} torch thread(s); P={args.prompts} prompts x G={args.generations} per step, "
               f"max_new_tokens={args.max_new_tokens} ({mode}), temperature {args.temperature}, beta {args.beta}, "
               f"lr {args.lr}, mu=1; prompts {min(prompt_lens)}-{max(prompt_lens)} tokens (mean "
               f"{statistics.mean(prompt_lens):.0f}, {args.image_size}px image pairs)"
@@ -560,7 +598,7 @@ def print_report(results: dict, args, prompt_lens: list[int], same: bool | None,
                   f"{r['tokens']:.0f}", f"{r['completion_length']:.1f}", f"{r['logp_completion_length']:.1f}")
     con.print(t)
     con.print("tok/s: generated completion tokens / step wall time; len gen / len logp: mean completion length "
-              "as generated / as scored in the log-prob passes (urt re-tokenises the decoded text)")
+              "as generated / as scored in the log-prob passes (urt scores the sampled ids)")
     t2 = Table(title="log-prob batches per step (tokens through the model, medians)")
     for c in ("side", "pass", "seqs", "real tokens", "padded (rows x longest)", "processed", "prompt once per group"):
         t2.add_column(c, justify="left" if c in ("side", "pass") else "right")
@@ -601,6 +639,9 @@ def main(argv=None) -> int:
     if any(s not in SIDES for s in profiled):
         raise SystemExit(f"--profile takes a comma list of {', '.join(SIDES)}, got {args.profile!r}")
     if "trl" in sides + profiled:
+        if args.family != "qwen2_5_vl":
+            raise SystemExit(f"the TRL side is set up for qwen2_5_vl; with --family {args.family} run urt sides only, "
+                             f"e.g. --sides urt,urt-repeated")
         require_trl()
 
     import torch
@@ -629,24 +670,25 @@ def main(argv=None) -> int:
     if args.model_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="grpo_vs_trl-model-")
         args.model_dir = Path(tmp.name)
-    model_dir = build_model_dir(args.model_dir, seed=args.seed)
+    model_dir = build_model_dir(args.model_dir, seed=args.seed, family=args.family)
     n_steps = args.warmup + args.steps
     samples = build_samples(args.prompts * n_steps, args.image_size)
-    ref = load_model(str(model_dir), family=FAMILY, attn_implementation="sdpa", dtype="float32", device="cpu")
+    ref = load_model(str(model_dir), family=args.family, attn_implementation="sdpa", dtype="float32", device="cpu")
     n_params = sum(p.numel() for p in ref.model.parameters())
     trainable = {n for n, p in ref.model.named_parameters() if p.requires_grad}
     vision_ids = vision_token_ids(ref)
     del ref
 
     dataset = trl_dataset(samples) if "trl" in sides + profiled else None
-    prompt_lens, same = prompt_lengths(model_dir, samples, dataset)
+    prompt_lens, same = prompt_lengths(model_dir, samples, dataset, args.family)
     if same is False:
         print("WARNING: TRL's tokenisation of the prompts differs from urt's; the comparison is off", file=sys.stderr)
 
     def run(side: str, steps: int, profile: bool = False):
         if side.startswith("urt"):
             collate = SIDE_LAYOUT.get(side, args.collate)
-            return run_urt(args, model_dir, samples, steps, profile=profile, collate=collate)
+            return run_urt(args, model_dir, samples, steps, profile=profile, collate=collate,
+                           repeated_generation=side in REPEATED_GENERATION)
         return run_trl(args, model_dir, dataset, trainable, vision_ids, steps, profile=profile)
 
     kept: dict[str, list[dict]] = {s: [] for s in sides}
@@ -674,6 +716,12 @@ def main(argv=None) -> int:
         for side in (s for s in sides if s.startswith("urt")):
             ratio = results[side]["tokens_per_s"] / results["trl"]["tokens_per_s"]
             print(f"ratio {side}/trl: {ratio:.2f} ({results[side]['layout']} log-prob batches)")
+    if "urt-repeated" in results:
+        base = results["urt-repeated"]
+        for side in (s for s in sides if s.startswith("urt") and s != "urt-repeated"):
+            r = results[side]
+            print(f"ratio {side}/urt-repeated: {r['tokens_per_s'] / base['tokens_per_s']:.2f} tok/s, "
+                  f"{base['step'] / r['step']:.2f} step time ({r['layout']} log-prob batches)")
     if tmp is not None:
         tmp.cleanup()
     return 0

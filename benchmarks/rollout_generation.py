@@ -4,7 +4,8 @@
   torch.multinomial each step): what urt did before the shared prefill;
 * `repeated`: urt.generation.generate with `shared_prefill=False` (prompts repeated, inverse-CDF draw);
 * `shared`: each prompt encoded once, its KV cache repeated G times (HF's DynamicCache, concatenated at
-  every step), inverse-CDF draw;
+  every step; for qwen3_5 with its linear-attention states, `urt.models.hybrid.hybrid_cache`), inverse-CDF
+  draw;
 * `preallocated`: urt.generation.generate as GRPO and rejection sampling call it: `shared` with the KV
   cache in buffers sized once for the batch's final length (urt.generation.PreallocatedLayer).
 
@@ -13,10 +14,11 @@ rounding and so give the same completions but where a draw lands within that rou
 (counted here); `shared` and `preallocated` do the same arithmetic (asserted). Model: the family's tiny model (urt.models.tiny: real transformers classes, random weights, urt's
 2k-token tokenizer), image-generation prompts under the paper template with two synthetic images of
 `--image-size` px; the random model rarely stops, so every completion runs to `--max-new-tokens`.
-Prints seconds per rollout batch (median of `--repeats`) and each side's speed-up over `hf`.
+Prints seconds per rollout batch (median of `--repeats`), each side's speed-up over `hf`, and urt's default
+(`preallocated`) over `repeated` (for qwen3_5 the path before its hybrid cache could be repeated).
 
 Run:  python benchmarks/rollout_generation.py [--family qwen2_5_vl --prompts 4 -G 8 --max-new-tokens 128
-      --image-size 112 --repeats 3 --threads 2]
+      --image-size 112 --repeats 3 --threads 2]   (--family qwen3_5: the hybrid linear-attention model)
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def hf_sampling(bundle, prompts, G: int, max_new_tokens: int, seed: int) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+    p.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "llava_onevision", "qwen3_5"])
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("-G", "--generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -122,6 +124,8 @@ def main(argv=None) -> None:
         m = statistics.median(times[side])
         print(f"  {side:12s} {m:7.3f} s per rollout batch   x{base / m:.2f}")
     print(f"  repeated and shared: {same} of {len(pairs)} completions identical; shared and preallocated: all")
+    ratio = statistics.median(times["repeated"]) / statistics.median(times["preallocated"])
+    print(f"  urt's default (preallocated) over repeated: x{ratio:.2f}")
 
 
 if __name__ == "__main__":

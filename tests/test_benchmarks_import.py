@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "grpo_vs_trl.py"
 
@@ -36,6 +38,10 @@ def test_parser_builds():
         (3, 6, 32, 4, 5, 0)
     assert args.natural_length and args.threads == 1 and args.profile == "urt,trl"
     assert mod.TRL_PIN.count(".") == 2
+    args = parser.parse_args(["--family", "qwen3_5", "--sides", "urt,urt-repeated"])
+    assert args.family == "qwen3_5" and parser.parse_args([]).family == "qwen2_5_vl"
+    with pytest.raises(SystemExit, match="urt sides only"):  # the TRL side is set up for Qwen2.5-VL only
+        mod.main(["--family", "qwen3_5", "--sides", "urt,trl"])
 
 
 # A subprocess in which `import trl` fails as if TRL were not installed (whether or not it is).

@@ -520,3 +520,48 @@ def test_cli_convert_writes_shards(data, tmp_path, capsys):
     with pytest.raises(UrtError, match=r"u2\.jsonl: item 4: image file not found"):
         _cli(["convert", "--format", "jsonl", str(data / "u2.jsonl"), "--out", str(tmp_path / "s4"),
               "--no-progress"])
+
+
+# ---------------------------------------------------------------------------------------------- issue #31
+def test_failed_convert_publishes_nothing_and_keeps_the_old_shards(data, tmp_path, capsys):
+    """#31.7: a convert that fails part-way leaves no shard that looks valid (nothing a training run would
+    take), and `--overwrite` replaces the old shards only once the new ones are complete; the refusal to
+    overwrite names the CLI flag."""
+    from urt.cli import main
+    from urt.data.shards import read_index, read_shards
+
+    lines = (data / "user.jsonl").read_text().splitlines()
+    bad = json.loads(lines[0])
+    bad["images"] = ["img/gone.png", "img/b.png"]
+    (data / "late_bad.jsonl").write_text("\n".join(lines + [json.dumps(bad)]) + "\n")
+    out = tmp_path / "fresh"
+    rc = main(["data", "convert", "--format", "jsonl", str(data / "late_bad.jsonl"), "--out", str(out),
+               "--no-progress", "--maxcount", "1"])
+    assert rc == 2 and "late_bad.jsonl: item 4: image file not found" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == []  # 4 shards were written before the failure: all gone
+    with pytest.raises(UrtError, match="no .tar shards"):  # so a training run has nothing to take
+        read_shards(out).__next__()
+
+    good = tmp_path / "good"
+    assert main(["data", "convert", "--format", "jsonl", str(data / "user.jsonl"), "--out", str(good),
+                 "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    rc = main(["data", "convert", "--format", "jsonl", str(data / "user.jsonl"), "--out", str(good), "--no-progress"])
+    assert rc == 2 and "pass --overwrite" in capsys.readouterr().err
+    rc = main(["data", "convert", "--format", "jsonl", str(data / "late_bad.jsonl"), "--out", str(good),
+               "--no-progress", "--overwrite"])
+    assert rc == 2 and {p.name: p.read_bytes() for p in good.iterdir()} == before  # the old set is intact
+    assert len(list(read_shards(good))) == read_index(good)["total"] == 4
+
+
+def test_vl_rewardbench_key_collision_names_file_item_and_scheme(data, tmp_path):
+    """#31.11: an id that collides with the '<id>#<n>' key of a repeated id: the error names the file, the
+    item and the first holder of the key, and explains the keying."""
+    vl = json.loads((data / "vl_rewardbench.json").read_text())
+    first = dict(vl[0])
+    items = [first, dict(first), dict(first, id=f"{first['id']}#2")]
+    f = _write(tmp_path / "vl_dup.json", items)
+    with pytest.raises(UrtError) as e:
+        list(convert_vl_rewardbench(f, data, load_visuals=False))
+    msg = str(e.value)
+    assert "vl_dup.json: item 2" in msg and "item 1" in msg and "'<id>#<n>'" in msg

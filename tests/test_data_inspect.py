@@ -102,3 +102,38 @@ def test_contact_sheet_minimum_width(tmp_path):
     s = Sample("k", "image_understanding", 1, [Image.new("RGB", (300, 20), "red")], question="q" * 400,
                answers=("a", "b"))
     assert contact_sheet([s], tmp_path / "x.png") == sheet_size(1, 1) == (640, PAD + THUMB + CAPTION_H + PAD)
+
+
+# ---------------------------------------------------------------------------------------------- issue #31
+def _with_bad_image(d):
+    from data_fixtures import raw_sample, write_raw_shard
+
+    d.mkdir()
+    write_raw_shard(d / "shard-000000.tar", [raw_sample("good"), raw_sample("bad", {"v1.png": b"not a png"})])
+    return d
+
+
+@pytest.mark.parametrize("sheet", [False, True])
+def test_strict_decodes_every_visual(tmp_path, capsys, monkeypatch, sheet):
+    """#31.6: an image that does not decode fails --strict (with or without --sheet), named with its shard
+    and key; the sheet says which sample it left out. Not an `<_io.BytesIO object …>` (#31.11)."""
+    from urt.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    d = _with_bad_image(tmp_path / "d")
+    extra = ["--sheet", str(tmp_path / "s.png")] if sheet else []
+    assert main(["data", "inspect", str(d), "--no-progress", "--samples", "0", *extra]) == 0
+    assert main(["data", "inspect", str(d), "--no-progress", "--samples", "0", "--strict", *extra]) == 1
+    out = capsys.readouterr().out
+    assert "corrupt_image: 1" in out and "shard-000000.tar:bad" in out and "left out" in out
+    assert "BytesIO" not in out and "not an image format PIL can read" in out
+
+
+def test_strict_on_an_empty_conversion_fails_without_a_traceback(tmp_path, capsys):
+    from urt.cli import main
+
+    write_shards([], tmp_path)  # what convert writes when nothing converted: index.json only
+    assert main(["data", "inspect", str(tmp_path), "--no-progress"]) == 0
+    assert "0 shard(s), 0 sample(s)" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path), "--no-progress", "--strict"]) == 1
+    assert "no sample in" in capsys.readouterr().out

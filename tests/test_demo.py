@@ -318,7 +318,7 @@ def test_smoke_preset_trains_each_stage_on_the_default_layout(tmp_path):
     the base, cold start and rejection sampling; padded grounding), and keep every correct trace."""
     from urt.config import compose_config
     from urt.demo.cli import demo_overrides
-    from urt.pipeline import Pipeline
+    from urt.pipeline.core import Pipeline
 
     def layouts(preset):
         ov = demo_overrides([f"demo={preset}", f"paths.runs={tmp_path}"])

@@ -393,7 +393,7 @@ def test_rule_teacher_chain_style_checks_each_attribute_then_scores_then_verdict
 
 
 def test_distill_rule_teacher_all_tasks_and_cli(tmp_path, shard_dir):
-    from urt.distill_cli import register
+    from urt.stages.cli import register
 
     parser = argparse.ArgumentParser(prog="urt")
     register(parser.add_subparsers(dest="command"))

@@ -123,8 +123,8 @@ def test_low_temperature_and_top_p_sample_the_greedy_completion(qwen, prompts):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision"])
 def test_shared_prefill_gives_the_repeated_prompts_completions(family):
     """Several samples per prompt encode each prompt once (its KV cache repeated): the same completions as
-    repeating the prompt in the batch, and the first forward runs one row per prompt. Qwen3.5's hybrid
-    cache (linear-attention states) is not repeated: it falls back to repeated prompts."""
+    repeating the prompt in the batch, and the first forward runs one row per prompt (Qwen3.5 too: its
+    linear-attention states are repeated with the keys and values)."""
     bundle = build_tiny(family, seed=0)
     enc = SampleEncoder(bundle.processor, family, mode="prompt")
     ps = [enc(s) for s in four_task_samples(video_data=False)]
@@ -142,9 +142,9 @@ def test_shared_prefill_gives_the_repeated_prompts_completions(family):
     repeated = generate(bundle, ps, dataclasses.replace(cfg, shared_prefill=False))
     assert shared == repeated
     assert any(r[0] != r[1] for r in shared)  # really sampled
-    assert rows == [len(ps)]  # one row per prompt in the first forward (Qwen3.5: the attempt)
+    assert rows == [len(ps)]  # one row per prompt in the first forward
     from urt.generation import _SHARED_PREFILL
-    assert _SHARED_PREFILL[type(bundle.model)] is (family != "qwen3_5")
+    assert _SHARED_PREFILL[type(bundle.model)] is True
 
 
 def test_preallocated_layer_holds_what_dynamic_layer_holds():
@@ -186,8 +186,10 @@ def test_preallocated_layer_holds_what_dynamic_layer_holds():
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5", "llava_onevision"])
 def test_preallocated_cache_gives_the_same_completions(family):
     """The preallocated KV cache only moves where keys and values live: greedy and sampled (shared prefill)
-    completions equal those with HF's own cache; Qwen3.5's hybrid cache is left to HF."""
+    completions equal those with HF's own cache; for Qwen3.5 its full-attention layers are preallocated,
+    its linear-attention layers `LinearStateLayer`s."""
     from urt.generation import PreallocatedLayer, preallocated_cache
+    from urt.models.hybrid import LinearStateLayer
 
     bundle = build_tiny(family, seed=0)
     enc = SampleEncoder(bundle.processor, family, mode="prompt")
@@ -195,10 +197,11 @@ def test_preallocated_cache_gives_the_same_completions(family):
     if family == "llava_onevision":
         ps = [p for p in ps if p.task.startswith("image")]  # its video path reads 32 frames
     cache = preallocated_cache(bundle.model, 64)
+    kinds = [type(layer) for layer in cache.layers]
     if family == "qwen3_5":
-        assert cache is None
+        assert kinds == [LinearStateLayer] * 3 + [PreallocatedLayer]  # tiny qwen3_5: 3 linear, 1 full attention
     else:
-        assert cache is not None and all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+        assert set(kinds) == {PreallocatedLayer}
     for cfg in (GenerationConfig(max_new_tokens=12, batch_size=3),
                 GenerationConfig(max_new_tokens=12, temperature=1.0, num_return_sequences=3, batch_size=4, seed=2)):
         fast = generate(bundle, ps, cfg)

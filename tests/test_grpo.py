@@ -109,7 +109,7 @@ def test_canned_completions_give_exact_advantages(tmp_path, shards, monkeypatch)
     assert rec.losses[1] == pytest.approx(float(-expect.mean()), abs=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "qwen3_5"])
 def test_packed_logprobs_equal_padded(family):
     """Packed (padding-free, per-sequence mRoPE positions) and right-padded log-prob passes agree."""
     from urt.data.collate import make_collator

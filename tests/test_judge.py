@@ -1,4 +1,4 @@
-"""urt.judge (Judge, Verdict) and `urt judge` (urt.judge_cli)."""
+"""urt.judge (Judge, Verdict) and `urt judge` (urt.judge.cli)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import urt.judge as judge_mod
+import urt.judge.core as judge_mod
 from data_fixtures import mp4_bytes, synthetic_frames, vqa_image
 from urt.data.schema import Sample
 from urt.errors import UrtError
@@ -154,7 +154,7 @@ def test_llava_onevision_tiny_judge(images):
 
 
 def _cli(argv):
-    from urt.judge_cli import register
+    from urt.judge.cli import register
 
     parser = argparse.ArgumentParser(prog="urt")
     register(parser.add_subparsers(dest="command", required=True))

@@ -2,8 +2,9 @@
 
 The order is written once, here: a unit (a subpackage of urt/, or a module at its root) may import from
 its own unit and from the units before it, never from one after it. Imports inside functions count too:
-a lazy import is still a dependency (it only moves the failure to run time). The root package
-(`urt/__init__.py`) is the public facade and is left out."""
+a lazy import is still a dependency (it only moves the failure to run time). A package's `cli` module
+(`urt/<package>/cli.py`, its commands) belongs to the command line, the top layer, whatever package it sits
+in. The root package (`urt/__init__.py`) is the public facade and is left out."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ LAYERS = [
     "urt.serve",
     "urt.pipeline",
     "urt.demo",
-    "urt.cli",
+    "urt.cli",                    # the entry point and every package's cli module
 ]
 RANK = {unit: i for i, unit in enumerate(LAYERS)}
 
@@ -62,6 +63,8 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
 
 def _unit(module: str) -> str:
     parts = module.split(".")
+    if parts[-1] == "cli":  # the commands of a package: the command-line layer
+        return "urt.cli"
     return ".".join(parts[:2])
 
 

@@ -90,7 +90,7 @@ def test_registry_and_specs():
     assert get_family("qwen3_5").prompt_set == "qwen3"
     assert "CodeGoat24/UnifiedReward-Think-7b" in get_family("llava_onevision").hub_ids
     assert all(spec.supported for spec in FAMILIES.values())  # transformers 5.24 has all four
-    assert not get_family("qwen3_5").packing_safe
+    assert all(spec.packing_safe for spec in FAMILIES.values())  # qwen3_5 through urt.models.hybrid
 
 
 def test_unknown_family_lists_known():

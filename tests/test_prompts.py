@@ -478,7 +478,7 @@ def test_cli_list(capsys):
 
 def _cli_importable():
     try:
-        return all(importlib.util.find_spec(m) is not None for m in ("urt.models.cli", "urt.config_cli"))
+        return all(importlib.util.find_spec(m) is not None for m in ("urt.models.cli", "urt.config"))
     except ModuleNotFoundError:
         return False
 

@@ -266,7 +266,7 @@ def test_overlong_tasks_and_bad_args(bundle, src, tmp_path, monkeypatch):
 
 
 def test_config_composes():
-    from urt.sample_cli import compose_sample_config
+    from urt.stages.cli import compose_sample_config
 
     cfg = compose_sample_config(["sample.k=2", "model=tiny_qwen3_vl", "paths.root=/x"])
     s = cfg.sample
@@ -292,8 +292,6 @@ def test_cli_end_to_end_real_generate(src, tmp_path, monkeypatch, capsys):
               "rewards": {"format": [1.0, 1.0], "accuracy": [0.0, 1.0]}, "correct": [False, True], "lengths": [9, 9]}
     (out / "rollouts.jsonl").write_text(json.dumps({"urt_rollouts": 1, "settings": settings}) + "\n"
                                         + json.dumps(seeded) + "\n")
-    if "urt.sample_cli" not in urt.cli.LAYERS:
-        monkeypatch.setattr(urt.cli, "LAYERS", urt.cli.LAYERS + ("urt.sample_cli",))
     rc = urt.cli.main(["sample", "--quiet", "model=tiny_qwen2_5_vl", f"sample.shards={src}", f"sample.out_dir={out}",
                        "sample.k=2", "sample.max_new_tokens=8", "sample.batch_size=4"])
     assert rc == 0

@@ -652,3 +652,72 @@ def test_video_url_encodes_for_qwen_and_llava():
             assert int((enc.mm_token_type_ids == 2).sum()) > 0
     with pytest.raises(RequestError, match="not a video"):
         encode_messages(b, visual_msg("data:image/png;base64,aGk=", kind="video_url"))
+
+
+# ------------------------------------------------------------------------------- issue #31: one long request
+LONG = 3500  # new tokens the tiny model takes ~10 s to write on one CPU thread
+
+
+def _send_and_leave(url: str, body: dict, after_s: float) -> None:
+    """A client that sends a request and disconnects without reading the answer."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(after_s)
+
+
+def _wait_for(cond, limit_s: float = 10.0) -> bool:
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnected_client_has_its_generation_stopped(bundle, torch_one_thread):
+    """#31.4: a client that leaves mid-generation frees the worker at once (today its ~10 s generation ran
+    to the end while the next request waited behind it)."""
+    with JudgeServer(bundle, model_name="m", max_new_tokens=1, limits=Limits(max_tokens=4000)) as srv:
+        _send_and_leave(srv.url, chat(max_tokens=LONG), after_s=0.5)
+        assert _wait_for(lambda: srv.stats()["cancelled"] == 1, 5.0), srv.stats()
+        t0 = time.monotonic()
+        status, _, data = call(srv.url, body=chat(max_tokens=2))
+        assert status == 200 and time.monotonic() - t0 < 4.0, (time.monotonic() - t0, srv.stats())
+
+
+def test_each_request_is_bounded_in_time(bundle, torch_one_thread):
+    """#31.4: past --max-request-seconds the generation is stopped and the request gets a 504 naming the
+    limit; the default prompt cap is the model's context length (a ~500k-token text is a 400 at once)."""
+    with JudgeServer(bundle, model_name="m", max_new_tokens=1,
+                     limits=Limits(max_tokens=4000, max_request_seconds=1)) as srv:
+        assert srv.limits.max_prompt_tokens == bundle.model.config.get_text_config().max_position_embeddings
+        t0 = time.monotonic()
+        status, _, data = call(srv.url, body=chat(max_tokens=LONG))
+        took = time.monotonic() - t0
+        assert status == 504 and data["error"]["code"] == "timeout" and "--max-request-seconds" in \
+            data["error"]["message"] and took < 4.0, (status, data, took)
+        assert srv.stats()["timed_out"] == 1
+        status, _, _ = call(srv.url, body=chat(max_tokens=2))  # the worker is free again
+        assert status == 200
+        t0 = time.monotonic()
+        status, _, data = call(srv.url, body=chat([{"role": "user", "content": "judge " * 300_000}]))
+        assert status == 400 and data["error"]["code"] == "context_length_exceeded"
+
+
+def test_cli_frames_default_from_the_exported_model(tmp_path, capsys):
+    """#31.10: `urt serve` keeps as many frames per video as the model was trained with (urt.json)."""
+    from urt.models.preprocessing import write_export_record
+
+    write_export_record(tmp_path, step=1, preprocessing={"frames": 4})
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    args = p.parse_args(["serve", "--model", str(tmp_path)])
+    assert args.video_frames is None
+    from urt.models.preprocessing import exported_frames
+
+    assert exported_frames(str(tmp_path)) == 4 and exported_frames("tiny") == 8

@@ -251,7 +251,7 @@ def test_resume_never_refuses_to_overwrite(tmp_path, shards):
     cfg = _cfg(["model=tiny_qwen2_5_vl", "stage.run_name=r", "stage.resume=never"], tmp_path, shards)
     assert resume_path(cfg) is None
     (Path(cfg.stage.run_dir) / "checkpoints").mkdir(parents=True)
-    (Path(cfg.stage.run_dir) / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 0}, Path(cfg.stage.run_dir) / "checkpoints" / "last.ckpt")
     with pytest.raises(UrtError, match="resume=never"):
         resume_path(cfg)
     cfg.stage.resume = "auto"
@@ -290,7 +290,7 @@ def test_hf_folder_loads_in_plain_transformers(tmp_path, shards):
 def test_cli_train_prints_run_dir_and_hf_folder(tmp_path, shards, capsys, monkeypatch):
     import argparse
 
-    from urt import train_cli
+    from urt.stages import cli as train_cli
 
     parser = argparse.ArgumentParser()
     train_cli.register(parser.add_subparsers())

@@ -1,12 +1,13 @@
 """urt.rl.shared_prompt: GRPO log-probs with each prompt run once per micro-batch equal the padded path.
 
-Tiny real-architecture models (fp32, sdpa, CPU) of every family that shares prompts, prompts with an image
+Tiny real-architecture models (fp32, sdpa, CPU) of every family (Qwen3.5's hybrid cache included: its
+linear-attention states selected per completion), prompts with an image
 pair, one image, a video pair and one video (G completions each, of different lengths, some ending in
 EOS), sequences shuffled so a micro-batch mixes groups: per-token log-probs, entropies and the gradients
 of the trainable parameters equal those of right-padded batches, with and without the visual cache. The
-layout choice (`stage.collate`) and its fallbacks (qwen3_5, flash-attention, gradient checkpointing) are
+layout choice (`stage.collate`) and its fallbacks (flash-attention, gradient checkpointing) are
 checked, and a GRPO run with shared prompts (reference model or LoRA reference, μ = 2, mini-batches
-that split groups) has the padded run's losses over two steps."""
+that split groups; and qwen3_5) has the padded run's losses over two steps."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from urt.rl.shared_prompt import SharedPromptLogprobs, make_logprob_collator, sh
 from urt.rl.visual_cache import VisualCache
 from urt.rl.logprobs import completion_sequence, sequence_logprobs
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava_onevision", "qwen3_5"]
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
@@ -112,18 +113,38 @@ def test_layout_choice_and_fallbacks(monkeypatch, caplog):
     assert isinstance(make_logprob_collator("packed", b), PackedCollator)
     with pytest.raises(Exception, match="unknown GRPO log-prob layout"):
         make_logprob_collator("ragged", b)
-    # qwen3_5 (linear attention): refused, padded instead (also for an explicit shared_prompt)
+    # qwen3_5 (hybrid linear attention): shared prompts too, with no warning
     q35 = bundle("qwen3_5")
-    assert "linear-attention" in shared_prompt_blocker(q35)
-    with caplog.at_level("WARNING", logger="urt.rl.visual_cache"):
-        assert isinstance(make_logprob_collator("shared_prompt", q35), PaddedCollator)
-    assert "shared prompts are not available" in caplog.text
-    assert isinstance(make_logprob_collator("auto", q35), PaddedCollator)
+    assert shared_prompt_blocker(q35) is None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert isinstance(make_logprob_collator("auto", q35), SharedPromptLogprobs)
+        assert isinstance(make_logprob_collator("shared_prompt", q35), SharedPromptLogprobs)
+    assert not [r for r in caplog.records if r.name.startswith("urt")]
     # flash-attention: auto packs (its variable-length kernels), as before
     monkeypatch.setattr(sp, "_attn_implementation", lambda model: "flash_attention_2")
     monkeypatch.setattr(sp, "packing_pays", lambda bundle: True)
     assert "flash_attention_2" in shared_prompt_blocker(b)
     assert isinstance(make_logprob_collator("auto", b), PackedCollator)
+
+
+def test_hybrid_prompts_right_padded_would_leak():
+    """Negative control for qwen3_5: with its prompts right-padded (the attention families' layout) a shorter
+    prompt's linear-attention state runs on through the padding and the log-probs move far beyond ATOL;
+    left-padded (the layout used) they are the padded path's."""
+    b = bundle("qwen3_5")
+    model = b.model.eval()
+    seqs = mixed_rollout(b)
+    assert len({s.prompt_length for s in seqs}) > 1
+    shared = SharedPromptLogprobs(b)
+    assert shared.hybrid and shared.prompt_side == "left"
+    with torch.no_grad():
+        want, _ = sequence_logprobs(model, make_collator("padded", b), seqs)
+        got, _ = sequence_logprobs(model, shared, seqs)
+        shared.prompt_side, shared.collate_prompts = "right", PaddedCollator(shared.pad_token_id, padding_side="right")
+        leaked, _ = sequence_logprobs(model, shared, seqs)
+    assert_same(got, want)
+    assert max(float((x - y).abs().max()) for x, y in zip(leaked, want)) > 100 * 1e-5
 
 
 def test_gradient_checkpointing_pass_falls_back_to_padded():
@@ -189,7 +210,8 @@ class Losses(Callback):
 @pytest.mark.parametrize("variant,steps", [  # trainer.max_steps counts optimizer steps: 2 rollout steps each
     (["stage.loss.beta=0.04", "stage.num_iterations=2", "stage.num_mini_batches=2", "stage.micro_batch_size=2"], 8),
     (["+model.lora={r: 4, alpha: 8, dropout: 0.0}", "stage.loss.beta=0.04", "stage.micro_batch_size=4"], 2),
-], ids=["reference_mu2_minibatches", "lora_reference"])
+    (["model=tiny_qwen3_5", "stage.loss.beta=0.04", "stage.num_iterations=2", "stage.micro_batch_size=4"], 4),
+], ids=["reference_mu2_minibatches", "lora_reference", "qwen3_5"])
 def test_grpo_run_with_shared_prompts_equals_padded(tmp_path, shards, monkeypatch, variant, steps):
     import urt.generation
     from urt.prompts import answer_string
@@ -211,6 +233,7 @@ def test_grpo_run_with_shared_prompts_equals_padded(tmp_path, shards, monkeypatc
         runs[layout] = rec.losses
         assert (Path(cfg.stage.run_dir) / "rollouts" / "step-000002.parquet").is_file()
     l_pad, l_sh = runs["padded"], runs["shared_prompt"]
+    print("GRPO losses padded", l_pad, "shared prompts", l_sh)
     assert l_pad.keys() == l_sh.keys() == {1, 2}
     for k in l_pad:  # step 2's loss is computed with the weights step 1's update left
         assert l_sh[k] == pytest.approx(l_pad[k], abs=1e-5)

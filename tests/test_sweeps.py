@@ -17,13 +17,19 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from urt.errors import UrtError
-from urt.sweeps import collect, parse_sweep_file, parse_sweep_text, shell_join, sweep_run
-from urt.sweeps_cli import main as sweep_main
+from urt.pipeline.cli import main as pipeline_cli_main
+from urt.pipeline.sweeps import collect, parse_sweep_file, parse_sweep_text, shell_join, sweep_run
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "experiments" / "sweeps"
 ARRAY = REPO / "slurm" / "array.sbatch"
 MULTINODE = REPO / "slurm" / "multinode.sbatch"
+
+
+def sweep_main(argv: list[str]) -> int:
+    """`urt sweep ARGV` through the pipeline package's own entry point (`python -m urt.pipeline.cli`)."""
+    return pipeline_cli_main(["sweep", *argv])
+
 
 GRPO_LIST = "pipeline.steps.grpo.overrides=['stage.loss.beta=0.0','optimizer.lr=1e-6']"
 FIXTURE_SWEEP = f"""\
@@ -74,7 +80,7 @@ def test_shell_line_round_trips_through_bash_eval():
     ("seed=1 'tags=[a,b]", r"bad\.txt:3: cannot split the line into overrides \(No closing quotation\)"),
     ('experiment=x "unterminated', r"bad\.txt:3: cannot split .*No closing quotation"),
     ("urt pipeline experiment=x", r"bad\.txt:3: 'urt' is not a Hydra override"),
-    ("stage.loss.beta=0,0.04", r"bad\.txt:3: 'stage\.beta=0,0\.04' is a sweep over several values"),
+    ("stage.loss.beta=0,0.04", r"bad\.txt:3: 'stage\.loss\.beta=0,0\.04' is a sweep over several values"),
     ("pipeline.steps.grpo.overrides=[stage.loss.beta=0.0,optimizer.lr=1e-6]",
      r"bad\.txt:3: .* is not a valid Hydra override: .*must be quoted inside the brackets"),
     ("model=[unclosed", r"bad\.txt:3: 'model=\[unclosed' is not a valid Hydra override"),
@@ -139,10 +145,10 @@ def test_registered_in_an_argparse_tree(tmp_path, capsys):
     """`register` is what urt.cli calls: `urt sweep show` through a parser built like urt's."""
     import argparse
 
-    from urt import sweeps_cli
+    from urt.pipeline import cli as pipeline_cli
 
     parser = argparse.ArgumentParser(prog="urt")
-    sweeps_cli.register(parser.add_subparsers(dest="command", required=True))
+    pipeline_cli.register(parser.add_subparsers(dest="command", required=True))
     path = tmp_path / "fx.txt"
     path.write_text(FIXTURE_SWEEP)
     args = parser.parse_args(["sweep", "show", str(path), "--task-id", "0", "--shell"])
@@ -200,7 +206,7 @@ def sweep_dir(tmp_path):
 
 
 def test_collect_tables_plot_and_skips(sweep_dir, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="urt.sweeps"):
+    with caplog.at_level(logging.WARNING, logger="urt.pipeline.sweeps"):
         report = collect(sweep_dir)
     assert report.runs == ["task-0/qwen_pipeline", "task-2/no_cold_start", "task-10/qwen_pipeline"]
     assert report.rows == 3 + 2 + 3
@@ -266,7 +272,7 @@ def test_stage_order_is_the_pipeline_order_across_ablations(tmp_path):
         stages = [(r["run"], r["stage"]) for r in csv.DictReader(f)]
     assert stages == [("a", "cold_start"), ("a", "grpo"), ("b", "base"), ("b", "rejection_sampling"),
                       ("b", "grpo"), ("c", "base"), ("c", "cold_start")]
-    from urt.sweeps import _read_run, _Run, _stage_order
+    from urt.pipeline.sweeps import _read_run, _Run, _stage_order
 
     runs = [_read_run(root / n / "results.json", root) for n in "abc"]
     assert _stage_order(runs) == ["base", "cold_start", "rejection_sampling", "grpo"]
@@ -318,7 +324,7 @@ printf '%s\\n' "$@" >> "$STANDIN_DIR/scontrol.argv"
 """
 URT = """#!/bin/bash
 # stand-in urt: `urt sweep ...` goes to the real module, nothing else may be called outside srun
-if [[ "$1" == "sweep" ]]; then shift; exec "{python}" -m urt.sweeps_cli "$@"; fi
+if [[ "$1" == "sweep" ]]; then exec "{python}" -m urt.pipeline.cli "$@"; fi
 echo "stand-in urt called with: $*" >&2; exit 99
 """
 
@@ -481,7 +487,7 @@ def test_submitit_launcher_config_composes_without_the_plugin(tmp_path, monkeypa
 
 
 def test_multirun_with_submitit_needs_the_plugin():
-    from urt.sweeps import hydra_multirun, submitit_plugin_installed
+    from urt.pipeline.sweeps import hydra_multirun, submitit_plugin_installed
 
     if submitit_plugin_installed():
         pytest.skip("hydra-submitit-launcher is installed here")
@@ -514,7 +520,7 @@ def test_multirun_runs_one_urt_process_per_job(tmp_path, monkeypatch, capfd):
 
 def test_plot_labels_show_what_tells_runs_apart():
     """Legend entries drop the overrides every run shares and open per-step override lists."""
-    from urt.sweeps import _label, _label_tokens, _Run
+    from urt.pipeline.sweeps import _label, _label_tokens, _Run
 
     runs = [_Run(name=f"task-{i}/p", path=Path("x"), stages={},
                  overrides=list(r.overrides))

@@ -27,7 +27,7 @@ from urt.rl.logprobs import completion_sequence, sequence_logprobs
 
 ATOL = 1e-5
 G = 3
-PACKING = ["llava_onevision", "qwen2_5_vl", "qwen3_vl"]
+PACKING = ["llava_onevision", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 CASES = [(f, "packed") for f in PACKING] + [(f, "padded") for f in SUPPORTED_FAMILIES]
 
 

@@ -7,10 +7,11 @@ returns, per prompt and in input order, `cfg.num_return_sequences` completions:
 * prompts are sorted by length (longest first) and cut into batches of `cfg.batch_size` prompts, each
   left-padded (`PaddedCollator(padding_side="left")`) and run through `model.generate` with the KV
   cache; with several return sequences each prompt is encoded once and its KV cache repeated
-  (`shared_prefill`; hybrid linear-attention caches repeat the prompt in the batch instead);
-* the KV cache of plain attention layers is preallocated to the batch's final length
-  (`PreallocatedLayer`): HF's DynamicLayer concatenates the whole cache at every step, which on a CPU
-  was half of the decode time for 500-token judge prompts;
+  (`shared_prefill`; a hybrid model's (Qwen3.5) linear-attention states, recurrent state + convolution
+  window, are repeated with it: `urt.models.hybrid.LinearStateLayer`);
+* the KV cache of plain attention layers (a hybrid model's full-attention layers included) is
+  preallocated to the batch's final length (`PreallocatedLayer`): HF's DynamicLayer concatenates the whole
+  cache at every step, which on a CPU was half of the decode time for 500-token judge prompts;
 * sampling (temperature, top-p, an inverse-CDF draw) runs as logits processors, HF's step is greedy;
 * generation stops at `<|im_end|>` and the tokenizer's eos;
 * every vision placeholder / special vision token (`<|image_pad|>`, `<|video_pad|>`,
@@ -39,6 +40,7 @@ from transformers.cache_utils import DynamicLayer
 
 from urt.errors import UrtError
 from urt.models.compat import cache_kwarg, model_device, model_dtype, to_device
+from urt.models.hybrid import LinearStateLayer, hybrid_cache
 
 IM_END = "<|im_end|>"
 # Special vision tokens of the four families' tokenizers (whichever exist are suppressed).
@@ -300,10 +302,14 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def preallocated_cache(model, capacity: int):
-    """A DynamicCache of PreallocatedLayers for `model`, or None where its config asks for other layer
-    kinds (sliding windows, Qwen3.5's linear attention): HF then builds the cache it needs."""
+    """A DynamicCache of PreallocatedLayers for `model` (for a hybrid model, PreallocatedLayers for its
+    full-attention layers and repeatable `LinearStateLayer`s for its linear-attention ones), or None where
+    its config asks for other layer kinds (sliding windows): HF then builds the cache it needs."""
     from transformers.cache_utils import DynamicCache
 
+    hybrid = hybrid_cache(model, lambda: PreallocatedLayer(capacity))
+    if hybrid is not None:
+        return hybrid
     try:
         cache = DynamicCache(config=model.config)
     except (AttributeError, KeyError, TypeError, ValueError):
@@ -326,21 +332,24 @@ def _generate_shared_prefill(model, inputs: dict, copies: int, gen_kwargs: dict,
     """`model.generate` with `copies` samples per row, each prompt encoded once: all but the last prompt
     token run through the model (vision tower included), the KV cache is repeated `copies` times, and
     generate continues every copy from the last prompt token. Returns the sequences as
-    `model.generate` on the repeated rows would, or None where the cache is not a plain key/value
-    cache (hybrid linear-attention layers keep recurrent states this does not repeat)."""
+    `model.generate` on the repeated rows would, or None where the cache is neither a plain key/value
+    cache nor `urt.models.hybrid.hybrid_cache`'s (whose linear-attention states repeat too)."""
     ids = inputs["input_ids"]
     head = {k: (v[:, :-1] if k in _TOKEN_INPUTS else v) for k, v in inputs.items()}
     # The prefill is HF's own (a one-token greedy generate), so positions under left padding and Qwen's
     # mRoPE offsets are exactly those of the repeated prompts; the token it picks is not used.
-    quiet = {k: v for k, v in gen_kwargs.items() if k not in ("logits_processor", "max_new_tokens")}
+    quiet = {k: v for k, v in gen_kwargs.items()
+             if k not in ("logits_processor", "max_new_tokens", "stopping_criteria")}  # (per repeated row)
     name = cache_kwarg()
-    mine = preallocated_cache(model, ids.shape[1] + int(gen_kwargs["max_new_tokens"])) if preallocate else None
+    # a hybrid model's cache is ours either way: HF's linear-attention layers cannot be repeated
+    mine = preallocated_cache(model, ids.shape[1] + int(gen_kwargs["max_new_tokens"])) if preallocate \
+        else hybrid_cache(model)
     pre = model.generate(**head, **quiet, **({name: mine} if mine is not None else {}), max_new_tokens=1,
                          return_dict_in_generate=True)
     cache = pre.get("cache") if pre.get("cache") is not None else pre.get("past_key_values")
     inner = getattr(model, "model", None)
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) not in (DynamicLayer, PreallocatedLayer) for layer in layers):
+    if not layers or any(type(layer) not in (DynamicLayer, PreallocatedLayer, LinearStateLayer) for layer in layers):
         _SHARED_PREFILL[type(model)] = False
         return None
     _SHARED_PREFILL[type(model)] = True
@@ -372,13 +381,30 @@ def _lockstep_batches(n: int, device) -> int:
     return int(t.item())
 
 
+class _StopRows:
+    """A stopping criterion (HF's per-row protocol) that ends the rows of the prompts `stop` names: asked
+    every decoding step with the prompt indices (input order) of the call, it returns one flag per index."""
+
+    def __init__(self, stop, prompt_of_row: list[int]):
+        self.stop = stop
+        self.prompt_of_row = prompt_of_row
+        self.prompts = sorted(set(prompt_of_row))
+
+    def __call__(self, input_ids, scores, **kwargs):
+        flags = dict(zip(self.prompts, self.stop(self.prompts)))
+        return torch.tensor([bool(flags[p]) for p in self.prompt_of_row], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
-             desc: str = "generating", pad_prompt=None) -> list[list[Completion]]:
+             desc: str = "generating", stop_rows=None, pad_prompt=None) -> list[list[Completion]]:
     """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
     `cfg.num_return_sequences` `Completion`s per prompt (text starting with the prompt's assistant prefix,
-    with the sampled ids). `cfg.lockstep` (a sharded model): every rank calls this, `pad_prompt` is what a
-    rank generates for (and drops) while it has no prompts left and another rank still has."""
-    from transformers import LogitsProcessorList
+    with the sampled ids). `stop_rows(indices) -> [bool]`, asked every decoding step, ends the generation of
+    the prompts it flags (their completions stop where they are: a server's cancelled or timed-out
+    requests), so the others in the batch go on and the call returns early when all are flagged.
+    `cfg.lockstep` (a sharded model): every rank calls this, `pad_prompt` is what a rank generates for (and
+    drops) while it has no prompts left and another rank still has."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from urt.data.collate import make_collator, model_inputs
     from urt.data.encode import Encoded
@@ -463,6 +489,9 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 batch = collate(rows)
                 inputs = to_device(model_inputs(batch), device, dtype)
                 width = int(inputs["input_ids"].shape[1])
+                if stop_rows is not None:  # rows are each prompt's `copies` samples, in order, on every path
+                    gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                        [_StopRows(stop_rows, [i for i in idx for _ in range(copies)])])
                 try:
                     out = (_generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate)
                            if shared else None)

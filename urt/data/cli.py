@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     ip.add_argument("--sheet", default=None, help="write a contact-sheet PNG here")
     ip.add_argument("--max-items", type=int, default=48, help="rows in the contact sheet (default 48)")
     ip.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ip.add_argument("--strict", action="store_true", help="exit 1 if any sample or shard is bad")
+    ip.add_argument("--strict", action="store_true", help="decode every image and video; exit 1 if any sample, visual or shard is bad, or "
+                                                          "there is no sample")
     ip.set_defaults(func=_inspect)
 
     # `urt data convert …` lives in urt/data/convert.py (written separately).

@@ -1,5 +1,5 @@
 """Batches of `Encoded` samples: padded (any family; left padding for generation) or packed
-(padding-free: one row, per-sample positions; llava_onevision, qwen2_5_vl, qwen3_vl).
+(padding-free: one row, per-sample positions; every family).
 
 Packing is exact only when every sample sees positions that restart at 0 and attends only to itself:
 
@@ -13,9 +13,14 @@ Packing is exact only when every sample sees positions that restart at 0 and att
   samples get shifted positions and samples attend to each other.
 * Each sample's first label is -100, so no token is predicted across a boundary.
 
-Hybrid linear-attention families (qwen3_5, `spec.packing_safe=False`) leak recurrent state across
-packed samples without the GPU kernels' cu_seqlens path; `PackedCollator` refuses them and
-`make_collator("packed", ...)` falls back to padding with a warning.
+* Hybrid linear-attention models (qwen3_5): each sample's linear-attention layers start from a zero state.
+  transformers' packed forward does not do that (the recurrent and convolution states run on from one
+  sample into the next); `urt.models.hybrid.isolate_packed_samples(model)` hooks those layers so they do,
+  and `make_collator("packed", bundle)` installs it on the bundle's model. A model fed packed rows
+  without it leaks state between samples.
+
+A family with `spec.packing_safe=False` is refused by `PackedCollator` and padded by
+`make_collator("packed", ...)` with a warning (none today).
 """
 
 from __future__ import annotations
@@ -187,7 +192,8 @@ class PackedCollator:
     for Qwen families: text row + mRoPE rows, per sample; (1, T) for llava_onevision), no
     attention_mask, `mm_token_type_ids` (1, T) (Qwen), the visual tensors concatenated in sample
     order, `seq_lens`, `cu_seqlens` ((n+1,) int32), `max_seqlen`, and the per-sample metadata. Run
-    the model with `use_cache=False`."""
+    the model with `use_cache=False` (and, for qwen3_5, with `urt.models.hybrid.isolate_packed_samples`
+    installed: `make_collator` does it)."""
 
     def __init__(self, family: str, config, pad_token_id: int):
         spec = get_family(family)
@@ -254,9 +260,10 @@ def packing_pays(bundle) -> bool:
 
 
 def make_collator(kind: str, bundle, *, padding_side: str = "right"):
-    """"padded" -> PaddedCollator; "packed" -> PackedCollator, or (for a family whose packing leaks,
-    e.g. qwen3_5) a warning, once per family, and a right/`padding_side` PaddedCollator; "auto" ->
-    packed under flash-attention, padded otherwise (`packing_pays`)."""
+    """"padded" -> PaddedCollator; "packed" -> PackedCollator (for a hybrid linear-attention model, with
+    `urt.models.hybrid.isolate_packed_samples` installed on `bundle.model`), or (for a family whose packing
+    leaks, `spec.packing_safe=False`) a warning, once per family, and a right/`padding_side`
+    PaddedCollator; "auto" -> packed under flash-attention, padded otherwise (`packing_pays`)."""
     if kind == "auto":
         kind = "packed" if packing_pays(bundle) else "padded"
     if kind == "padded":
@@ -270,4 +277,7 @@ def make_collator(kind: str, bundle, *, padding_side: str = "right"):
             log.warning("family %s cannot be packed (%s); padding instead", bundle.family,
                         spec.notes or "packed samples are not isolated")
         return PaddedCollator(pad_id(bundle), padding_side=padding_side)
+    from urt.models.hybrid import isolate_packed_samples
+
+    isolate_packed_samples(bundle.model)  # a no-op for models without linear-attention layers
     return PackedCollator(bundle.family, bundle.model.config, pad_id(bundle))

@@ -259,7 +259,9 @@ class ShardStream(IterableDataset):
             delta.merge(gstats)
             delta.ok = 0  # ok is counted per encoded unit below
             gstats.ok, gstats.skipped, gstats.examples = 0, Counter(), {}
-            if pos >= start:
+            # A fresh stream counts everything, including what the reader reports before its first raw
+            # sample (a shard that is empty or not a tar); a resumed one what lies past its cursor.
+            if pos >= start or start == (0, 0):
                 ledger.add(pos, delta)
 
         buf: list = []  # (pos, Encoded)
@@ -434,6 +436,7 @@ class StreamLoader:
         # DDP: the ranks take the same number of train batches (module docstring)
         even = self.split == "train" and driven and ds.world > 1
         items = self._items()
+        yielded = 0
         while True:
             item = next(items, None)
             if item is not None and item["_stream"].get("final"):
@@ -448,8 +451,14 @@ class StreamLoader:
             seen.merge(_stats_from_dict(item["_stream"]["counts"]))
             if not driven:
                 dm._commit(item.pop("_stream"))
+            yielded += 1
             yield item
         dm._end_epoch(self.split, seen)
+        if self.split == "train" and yielded == 0 and dm._consumed == 0:
+            # A whole pass gave no batch (every shard unreadable, every sample skipped): training on would
+            # run zero steps and export the untrained model as if it had trained.
+            raise UrtError(f"no training sample could be read from {', '.join(dm.train_shards)} "
+                           f"({len(ds.urls)} shard(s)): {seen.summary()}")
 
     def _leave(self, item: dict | None, rest: Iterator[dict], seen: SkipStats) -> None:
         """Another rank's train share ran out: `item` and the rest of this rank's stream are read to the
@@ -573,6 +582,7 @@ class RewardDataModule(L.LightningDataModule):
         self._cursors: dict[int, list[int]] = {}
         self._last_worker = -1
         self._stats = SkipStats()
+        self._done = SkipStats()  # the counts of the run's finished epochs (state_dict: exact across resumes)
         self._excluded = 0
         self._eval_stats: dict[str, SkipStats] = {}
         self._loaded_position: dict | None = None
@@ -630,7 +640,11 @@ class RewardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         if not self.train_shards:
             raise UrtError("no train_shards configured (data.train_shards)")
-        return StreamLoader(self, "train", self._dataset("train"))
+        ds = self._dataset("train")
+        if not ds.urls:  # an index.json listing no shard: nothing to train on
+            raise UrtError(f"data.train_shards={', '.join(self.train_shards)}: no shard to train on (the "
+                           f"index.json lists 0 shards)")
+        return StreamLoader(self, "train", ds)
 
     def val_dataloader(self):
         return StreamLoader(self, "val", self._dataset("val")) if self.val_shards else []
@@ -661,6 +675,7 @@ class RewardDataModule(L.LightningDataModule):
         # with trainer.current_epoch (a run stopped by max_steps and continued, or limit_train_batches,
         # continue the same pass instead of skipping the rest of it).
         if self._complete:
+            self._done.merge(self._stats)
             self._reset_position(self._epoch + 1)
 
     def _resume_starts(self) -> tuple[dict[int, tuple[int, int]], int]:
@@ -729,6 +744,12 @@ class RewardDataModule(L.LightningDataModule):
         return self._stats
 
     @property
+    def run_skip_stats(self) -> SkipStats:
+        """Counts of the whole run so far: every finished train epoch plus the current one (a run stopped by
+        max_steps mid-epoch still reports what the earlier passes skipped)."""
+        return SkipStats().merge(self._done).merge(self._stats)
+
+    @property
     def eval_skip_stats(self) -> dict[str, SkipStats]:
         return dict(self._eval_stats)
 
@@ -738,7 +759,10 @@ class RewardDataModule(L.LightningDataModule):
                 "samples": self._samples, "excluded_by_task": self._excluded}
 
     def summary(self) -> str:
-        lines = [f"train epoch {self._epoch} ({self._consumed} batches, {self._samples} samples"
+        lines = []
+        if self._epoch > 0:
+            lines.append(f"train, all {self._epoch + 1} epochs: {self.run_skip_stats.summary()}")
+        lines += [f"train epoch {self._epoch} ({self._consumed} batches, {self._samples} samples"
                  f"{', complete' if self._complete else ''}): {self._stats.summary()}"]
         if self._excluded:
             lines.append(f"  excluded by the tasks filter: {self._excluded}")
@@ -750,7 +774,8 @@ class RewardDataModule(L.LightningDataModule):
     def _own_position(self) -> dict:
         return {"epoch": self._epoch, "complete": self._complete, "batches": self._consumed,
                 "samples": self._samples, "cursors": {str(w): c for w, c in self._cursors.items()},
-                "last_worker": self._last_worker, "stats": self._stats.as_dict(), "excluded": self._excluded}
+                "last_worker": self._last_worker, "stats": self._stats.as_dict(), "excluded": self._excluded,
+                "done": self._done.as_dict()}
 
     def state_dict(self) -> dict:
         rank, world = self._rank_world()
@@ -782,6 +807,7 @@ class RewardDataModule(L.LightningDataModule):
         self._cursors = {int(w): list(c) for w, c in pos["cursors"].items()}
         self._last_worker = int(pos["last_worker"])
         self._stats = _stats_from_dict(pos["stats"])
+        self._done = _stats_from_dict(pos.get("done"))  # absent from checkpoints written before it was kept
         self._excluded = int(pos.get("excluded", 0))
 
 

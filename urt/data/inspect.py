@@ -227,16 +227,35 @@ def inspect(spec, *, samples: int = 4, sheet: str | Path | None = None, max_item
     ``max_items`` samples. Returns 0, or 1 when ``strict`` and any sample or shard was bad."""
     from rich.console import Console
 
+    from rich.markup import escape
+
     console = console or Console()
     rep = scan(spec, examples=samples, progress=progress, console=console)
     print_report(rep, console)
     if samples:
         print_examples(rep, console)
-    if sheet is not None and max_items > 0:
-        sheet_stats = SkipStats()
-        items = list(itertools.islice(
-            read_shards(rep.shards, on_error="skip", stats=sheet_stats, frames=FRAMES_PER_VIDEO,
-                        max_pixels=(2 * THUMB) ** 2, video_max_pixels=(2 * THUMB) ** 2), max_items))
+    want_sheet = sheet is not None and max_items > 0
+    items: list[Sample] = []
+    decoded = SkipStats()
+    if strict or want_sheet:
+        # --strict decodes every sample (the json scan cannot see a visual that does not decode); the sheet
+        # alone decodes only the samples it shows. Either way a sample that fails is reported, not dropped.
+        stream = read_shards(rep.shards, on_error="skip", stats=decoded, frames=FRAMES_PER_VIDEO,
+                             max_pixels=(2 * THUMB) ** 2, video_max_pixels=(2 * THUMB) ** 2)
+        for s in stream if strict else itertools.islice(stream, max_items):
+            if want_sheet and len(items) < max_items:
+                items.append(s)
+    if want_sheet:
         w, h = contact_sheet(items, sheet)
         console.print(f"contact sheet: {sheet} ({len(items)} row(s), {w}x{h})")
-    return 1 if strict and rep.stats.total_skipped else 0
+    visual = {r: n for r, n in decoded.skipped.items() if r not in rep.stats.skipped}
+    if visual:  # what only decoding found (the json scan already reported the rest)
+        only = SkipStats(ok=decoded.ok, skipped=Counter(visual),
+                         examples={r: decoded.examples.get(r, []) for r in visual})
+        where = "decoding every sample (--strict)" if strict else "decoding the contact sheet's samples"
+        console.print(f"[red]problems found {where}; these samples are left out"
+                      f"{' of the sheet' if want_sheet else ''}:[/red]\n{escape(only.summary())}")
+    if strict and rep.total == 0:
+        console.print(f"[red]no sample in {escape(str(spec))} (--strict)[/red]")
+        return 1
+    return 1 if strict and (rep.stats.total_skipped or decoded.total_skipped) else 0

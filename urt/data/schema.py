@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 from PIL import Image
 
-from urt.errors import UrtError
+from urt.errors import UrtError, describe
 
 TASKS = ("image_generation", "video_generation", "image_understanding", "video_understanding")
 GENERATION_TASKS = ("image_generation", "video_generation")
@@ -144,7 +144,7 @@ def load_image(src: str | Path | bytes, *, where: str = "") -> Image.Image:
     except FileNotFoundError:
         raise UrtError(f"{label}: image file not found") from None
     except Exception as err:  # PIL raises many types for corrupt data
-        raise UrtError(f"{label}: cannot decode image ({type(err).__name__}: {err})") from None
+        raise UrtError(f"{label}: cannot decode image ({describe(err)})") from None
     return to_rgb(img)
 
 

@@ -49,6 +49,7 @@ from urt.errors import UrtError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
+PARTIAL = ".partial"  # suffix of a shard still being written (write_shards)
 IMAGE_FORMATS = ("png", "jpg")
 VIDEO_STORAGE = ("frames", "file")
 ON_ERROR = ("raise", "skip")
@@ -111,7 +112,8 @@ class SkipStats:
         self.skipped.update(other.skipped)
         for r, ex in other.examples.items():
             mine = self.examples.setdefault(r, [])
-            mine.extend(ex[: max(0, self.max_examples - len(mine))])
+            new = [e for e in ex if e not in mine]  # the same shard fails the same way in every epoch
+            mine.extend(new[: max(0, self.max_examples - len(mine))])
         return self
 
     def as_dict(self) -> dict:
@@ -264,13 +266,16 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
     out.mkdir(parents=True, exist_ok=True)
     pattern_re = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
     existing = sorted(p for p in out.iterdir() if pattern_re.match(p.name))
-    if existing:
-        if not overwrite:
-            raise UrtError(f"{out}: already holds {len(existing)} shard(s) named {prefix}-*.tar "
-                           f"(e.g. {existing[0].name}); pass overwrite=True or choose another prefix/dir")
-        for p in existing:
-            p.unlink()
+    if existing and not overwrite:
+        raise UrtError(f"{out}: already holds {len(existing)} shard(s) named {prefix}-*.tar "
+                       f"(e.g. {existing[0].name}); pass --overwrite (overwrite=True) to replace them, or choose "
+                       f"another --prefix or output folder")
+    for p in out.glob(f"{prefix}-*.tar{PARTIAL}"):  # left by a write that was killed
+        p.unlink()
 
+    # Shards are written as <name>.tar.partial (no reader takes them for shards) and renamed, the index
+    # updated, only once every sample is written: a failed or killed write publishes nothing, and shards
+    # being replaced (overwrite) are kept until then.
     shard_stats: list[dict] = []
     seen: dict[str, str] = {}
 
@@ -278,7 +283,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
 
     def opened(fname: str):
         shard_stats.append(_new_shard_stats(Path(fname).name))
-        handles[fname] = open(fname, "wb")
+        handles[fname] = open(fname + PARTIAL, "wb")
         return handles[fname]
 
     def closed(fname: str):  # TarWriter does not close file objects it did not open
@@ -286,6 +291,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
 
     writer = wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, maxsize=maxsize,
                              verbose=0, encoder=False, mtime=0, opener=opened, post=closed)
+    ok = False
     try:
         for s in samples:
             if not isinstance(s, Sample):
@@ -305,20 +311,29 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, *, prefix: str 
             # ShardWriter opens the next shard lazily inside write(); count after it is opened.
             writer.write(obj)
             _count(shard_stats[-1], s.task, s.label, s.source)
+        ok = True
     finally:
         writer.close()
         for h in handles.values():
             h.close()
+        if not ok:
+            for st in shard_stats:
+                (out / (st["name"] + PARTIAL)).unlink(missing_ok=True)
     # The writer opens its first shard eagerly; an empty one (no samples at all) is removed.
     paths = []
     kept = []
     for st in shard_stats:
         p = out / st["name"]
         if st["count"] == 0:
-            p.unlink(missing_ok=True)
+            (out / (st["name"] + PARTIAL)).unlink(missing_ok=True)
             continue
         paths.append(p)
         kept.append(st)
+    for p in existing:  # replaced (overwrite): the old set goes only now that the new one is complete
+        if p not in paths:
+            p.unlink()
+    for p in paths:
+        os.replace(str(p) + PARTIAL, p)
     _update_index(out, prefix, kept, {"image_format": image_format, "video_storage": video_storage,
                                       "maxcount": maxcount})
     return paths
@@ -382,6 +397,10 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
             # side of rejection sampling when no trace was correct).
             return []
         if not urls:
+            partial = sorted(x.name for x in p.glob(f"*.tar{PARTIAL}"))
+            if partial:
+                raise UrtError(f"{p}: no .tar shards in this directory, only {len(partial)} unfinished one(s) "
+                               f"({partial[0]}, ...) from a conversion that did not complete: run it again")
             raise UrtError(f"{p}: no .tar shards in this directory")
         return urls
     if "{" in s and ".." in s:
@@ -439,6 +458,7 @@ class _Guard:
         self.last_member: str | None = None
         self.pending: str | None = None
         self.flagged: set[str] = set()
+        self.checked: set[str] = set()  # shards whose count was compared with index.json
         self.current_url: str | None = None
 
     # -- webdataset hooks
@@ -467,10 +487,16 @@ class _Guard:
             return self.fail(ShardError(url, self._where(), "duplicate_member", msg.split(" {", 1)[0]))
         detail = self.pending or msg
         self.pending = None
-        after = f" after member {self.last_member!r}" if self.last_member else ""
-        return self.fail(ShardError(url, self._where(), "truncated_tar",
-                                    f"{type(exn).__name__}: {detail}{after}; later samples of this shard are lost"),
-                         shard_once=True)
+        unread = url != self.current_url  # not one sample of this shard came through
+        after = f" after member {self.last_member!r}" if self.last_member and not unread else ""
+        self.fail(ShardError(url, None if unread else self._where(), "truncated_tar",
+                             f"{type(exn).__name__}: {detail}{after}; later samples of this shard are lost"),
+                  shard_once=True)
+        if unread and url in self.expected and url not in self.checked:
+            # count_stage never sees this shard: count its lost samples here
+            self.checked.add(url)
+            self._check(url, 0)
+        return True
 
     def fail(self, err: ShardError, n: int = 1, shard_once: bool = False) -> bool:
         if shard_once:
@@ -500,6 +526,7 @@ class _Guard:
     def _check(self, url: str | None, n: int) -> None:
         if url is None or url not in self.expected:
             return
+        self.checked.add(url)
         want = self.expected[url]
         if n < want:
             self.fail(ShardError(url, None, "missing_samples",
@@ -654,7 +681,9 @@ def make_pipeline(urls, *, shuffle_buffer: int = 0, seed: int = 0, shardshuffle:
 
     url_list = resolve_shards(urls)
     if not url_list:  # an empty shard set (index.json with no shards) reads as no samples
-        return _NoSamples()
+        empty = _NoSamples()
+        empty.urt_stats = stats if stats is not None else SkipStats()
+        return empty
     opts = loading_options(**load_opts)
     guard = _Guard(on_error, stats, expected_counts(url_list))
     ds = wds.WebDataset(url_list, handler=guard.handler, shardshuffle=shardshuffle or False,

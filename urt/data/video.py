@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from urt.errors import UrtError
+from urt.errors import UrtError, describe
 
 FRAME_SAMPLING = ("uniform", "fps")
 
@@ -105,7 +105,7 @@ def probe_video(src: bytes | str | Path, *, where: str = "") -> dict:
     except UrtError:
         raise
     except Exception as err:
-        raise VideoDecodeError(f"{label}: cannot decode video ({type(err).__name__}: {err})") from None
+        raise VideoDecodeError(f"{label}: cannot decode video ({describe(err)})") from None
 
 
 def decode_video(src: bytes | str | Path, *, where: str = "", frames: int | None = 8,
@@ -131,7 +131,7 @@ def decode_video(src: bytes | str | Path, *, where: str = "", frames: int | None
     except UrtError:
         raise
     except Exception as err:  # av.error.* / OSError for corrupt or truncated data
-        raise VideoDecodeError(f"{label}: cannot decode video ({type(err).__name__}: {err})") from None
+        raise VideoDecodeError(f"{label}: cannot decode video ({describe(err)})") from None
     if not raw:
         raise EmptyVideoError(f"{label}: video has zero frames")
     if frames is None and frame_sampling == "uniform":

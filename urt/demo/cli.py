@@ -47,8 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from urt.demo.report import transition_lines, write_report
-    from urt.pipeline import run_pipeline
-    from urt.pipeline_cli import stage_table
+    from urt.pipeline.core import run_pipeline
+    from urt.pipeline.cli import stage_table
 
     _quiet()
     console = Console()

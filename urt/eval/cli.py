@@ -45,7 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random order (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled per video (default 8)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames sampled per video (default: as the model was trained, from its folder's urt.json, "
+                        "else 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

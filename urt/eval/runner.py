@@ -167,10 +167,15 @@ def run_eval(out: str | Path, *, model: str | None = None, family: str | None = 
              benchmark: str | None = None, benchmark_file: str | Path | None = None,
              root: str | Path | None = None, shards: str | Path | None = None, mode: str = "cot",
              order: str = "random", seed: int = 0, max_new_tokens: int = 1024, batch_size: int = 8,
-             limit: int | None = None, frames: int = 8, progress: bool = True,
+             limit: int | None = None, frames: int | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> dict:
     """Generate (resumably) and score; returns the results dict (also written to `out`). Pass a
-    loaded `bundle` (ModelBundle) or `model` (a path, or "tiny" with `family`)."""
+    loaded `bundle` (ModelBundle) or `model` (a path, or "tiny" with `family`). `frames` per video: None
+    takes the model folder's trained frames (urt.json), else 8."""
+    from urt.models.preprocessing import exported_frames
+
+    if frames is None:
+        frames = exported_frames(model)
     check_mode(mode)
     if order not in ORDERS:
         raise UrtError(f"unknown order {order!r}; known: {', '.join(ORDERS)}")

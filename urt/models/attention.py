@@ -107,13 +107,16 @@ class _Boundaries:
         self.value = None
 
     def __call__(self, position_ids: torch.Tensor):
+        if position_ids.is_inference():  # no version counter (generate runs under inference_mode): not cached
+            return cu_seqlens_from_positions(position_ids)
         if self.tensor is not position_ids or self.version != position_ids._version:
             self.value = cu_seqlens_from_positions(position_ids)
             self.tensor, self.version = position_ids, position_ids._version
         return self.value
 
 
-_BOUNDARIES = _Boundaries()
+# The sample boundaries of a packed row, computed once per forward and shared by every layer (and urt.models.hybrid).
+packed_boundaries = _Boundaries()
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -163,7 +166,7 @@ def _boundaries(query: torch.Tensor, b: int, t: int, kwargs: dict) -> tuple[torc
         return cu, int(longest) if longest is not None else int((cu[1:] - cu[:-1]).max().item())
     positions = kwargs.get("position_ids")
     if positions is not None and positions.shape[-1] == t:
-        cu, longest = _BOUNDARIES(positions)
+        cu, longest = packed_boundaries(positions)
         return cu.to(query.device), longest
     return torch.arange(0, (b + 1) * t, t, device=query.device, dtype=torch.int32), t
 

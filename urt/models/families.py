@@ -26,7 +26,7 @@ class FamilySpec:
     language_prefixes: tuple[str, ...]
     # Regex (peft full-match) for the language model's attention projections: LoRA's default targets.
     lora_target_regex: str = r".*language_model\.layers\.\d+\.self_attn\.({names})"
-    packing_safe: bool = True  # padding-free packing isolates samples on CPU/sdpa
+    packing_safe: bool = True  # padding-free packing isolates samples on CPU/sdpa (with urt.models.hybrid's hooks)
     notes: str = ""
 
     @property
@@ -118,9 +118,9 @@ FAMILIES: dict[str, FamilySpec] = {
         vision_prefixes=("model.visual.",),
         projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
         language_prefixes=_QWEN_LANGUAGE,
-        packing_safe=False,
-        notes="hybrid linear/full attention; without flash-linear-attention the CPU fallback is slow and "
-        "packed samples leak state: pad instead of packing",
+        notes="hybrid linear/full attention: packed samples start from zero linear-attention states through "
+        "urt.models.hybrid.isolate_packed_samples (make_collator installs it); without flash-linear-attention "
+        "and causal-conv1d the linear-attention layers run transformers' slow torch fallback",
     ),
 }
 

@@ -8,13 +8,18 @@ on the completion after it (causal attention). `SharedPromptLogprobs` runs, per 
 
 1. **prompt pass**: the micro-batch's distinct prompts, minus their last token, as one right-padded batch
    with the KV cache on (`use_cache=True`), their visuals included (or the step's `VisualCache`
-   features);
+   features). A hybrid model's (qwen3_5) prompts are left-padded instead: its linear-attention layers
+   (gated DeltaNet) carry a state along the row instead of per-token keys and values, and a right-padded
+   prompt's state would run on through the padding after it; with the padding first (zeroed by the model,
+   so the state stays zero through it) every prompt's state is its own. Its cache is
+   `urt.models.hybrid.hybrid_cache`: key/value layers for the full-attention layers, `LinearStateLayer`s
+   (recurrent state + convolution window) for the linear-attention ones;
 2. the cache's rows are selected per completion (`Cache.batch_select_indices`: row j holds its own
-   prompt's keys and values — an indexing op, so in the policy pass the gradients of the G completions
-   flow back and sum into the one prompt computation);
+   prompt's keys and values, or its own prompt's linear-attention states — an indexing op, so in the
+   policy pass the gradients of the G completions flow back and sum into the one prompt computation);
 3. **completion pass**: per sequence, the prompt's last token followed by its completion tokens,
    right-padded to the longest, on top of the selected cache, with an attention mask over
-   [prompt (right-padded) | this row (right-padded)] and explicit positions: for Qwen's mRoPE families
+   [prompt (padded) | this row (right-padded)] and explicit positions: for Qwen's mRoPE families
    the (temporal, height, width) rows that `urt.data.collate.RopeIndex` gives the full prompt +
    completion sequence, sliced to the completion part (text positions continue after the vision
    grid's); for LLaVA-OneVision plain positions continuing the prompt's. Logits are kept only at the
@@ -28,10 +33,6 @@ attention; only the batching of the matmuls differs), gradients included (tests/
 **When it is used** (`stage.collate`, conf/stage/grpo.yaml): "shared_prompt", or "auto" when nothing
 below blocks it. `shared_prompt_blocker(bundle)` (checked once, at module construction) refuses:
 
-* qwen3_5: its hybrid linear-attention layers (gated DeltaNet) keep a recurrent and a convolution state
-  instead of per-token keys and values: a shorter prompt's state would run on through the right padding
-  of the prompt batch, and transformers' linear-attention cache layer cannot select rows per completion
-  (no `batch_select_indices`);
 * flash-attention (`attn_implementation` flash_*): its unpadded path with a cache and a right-padded
   query against a key mask with holes is not verified here (no GPU with flash-attn in this project's
   tests); there `auto` packs instead (variable-length kernels: no padding and no dense mask);
@@ -60,11 +61,12 @@ from urt.data.collate import PaddedCollator, RopeIndex, make_collator, model_inp
 from urt.data.encode import IGNORE_INDEX, QWEN_FAMILIES, Encoded
 from urt.errors import UrtError
 from urt.models.compat import forward_takes, to_device, warn_once
+from urt.models.hybrid import hybrid_cache, is_hybrid
 from urt.rl.visual_cache import hf_model
 
 
 # Families whose language model continues a cached prefix exactly with a multi-token forward.
-SHARED_PROMPT_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
+SHARED_PROMPT_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "llava_onevision", "qwen3_5")
 # The layouts of GRPO's log-prob batches (stage.collate).
 LOGPROB_LAYOUTS = ("auto", "shared_prompt", "packed", "padded")
 
@@ -76,9 +78,6 @@ def _attn_implementation(model) -> str:
 def shared_prompt_blocker(bundle) -> str | None:
     """Why a model cannot compute GRPO log-probs with shared prompts (None: it can); see the module
     docstring."""
-    if bundle.family == "qwen3_5":
-        return ("its linear-attention layers keep a recurrent state, not per-token keys and values (a prompt's "
-                "state cannot be masked or selected per completion)")
     if bundle.family not in SHARED_PROMPT_FAMILIES:
         return f"family {bundle.family!r} is not one of {', '.join(SHARED_PROMPT_FAMILIES)}"
     impl = _attn_implementation(bundle.model)
@@ -138,7 +137,10 @@ class SharedPromptLogprobs:
         self.family = bundle.family
         self.pad_token_id = pad_id(bundle)
         self.rope = RopeIndex(bundle.family, bundle.model.config) if bundle.family in QWEN_FAMILIES else None
-        self.collate_prompts = PaddedCollator(self.pad_token_id, padding_side="right")
+        # a linear-attention state runs on through right padding: hybrid prompts are left-padded
+        self.hybrid = is_hybrid(bundle.model)
+        self.prompt_side = "left" if self.hybrid else "right"
+        self.collate_prompts = PaddedCollator(self.pad_token_id, padding_side=self.prompt_side)
         self.fallback = PaddedCollator(self.pad_token_id, padding_side="right")
         self.checkpointing_drops_cache = False  # learnt when a no-grad pass of a checkpointed model got none
 
@@ -187,10 +189,12 @@ class SharedPromptLogprobs:
 
     def _positions(self, prompts: list[Encoded], rows: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids of the prompt pass ((3, P, Lp) mRoPE rows or (P, Lp)) and of the completion pass
-        ((3, N, width) or (N, width)); padding columns continue the positions (they are masked out)."""
+        ((3, N, width) or (N, width)); right-padding columns continue the positions, left-padding ones
+        repeat the first (they are masked out either way)."""
         lp = max(len(p) for p in prompts)
+        left = self.prompt_side == "left"
         if self.rope is None:
-            prompt_pos = torch.arange(lp).expand(len(prompts), lp)
+            prompt_pos = torch.stack([(torch.arange(lp) - (lp - len(p) if left else 0)).clamp(min=0) for p in prompts])
             comp_pos = torch.stack([len(prompts[r]) + torch.arange(width) for r in rows])
             return prompt_pos, comp_pos
         full = []  # per prompt: the (3, Lp + width) positions of the prompt followed by `width` text tokens
@@ -203,8 +207,12 @@ class SharedPromptLogprobs:
         prompt_pos = torch.zeros(3, len(prompts), lp, dtype=torch.long)
         for i, (p, pos) in enumerate(zip(prompts, full)):
             n = len(p)
-            prompt_pos[:, i, :n] = pos[:, :n]
-            prompt_pos[:, i, n:] = pos[:, n:n + 1] + torch.arange(lp - n)
+            if left:
+                prompt_pos[:, i, lp - n:] = pos[:, :n]
+                prompt_pos[:, i, :lp - n] = pos[:, :1]
+            else:
+                prompt_pos[:, i, :n] = pos[:, :n]
+                prompt_pos[:, i, n:] = pos[:, n:n + 1] + torch.arange(lp - n)
         comp_pos = torch.stack([full[r][:, len(prompts[r]):len(prompts[r]) + width] for r in rows], dim=1)
         return prompt_pos, comp_pos
 
@@ -226,10 +234,16 @@ class SharedPromptLogprobs:
         inputs = to_device(inputs, param.device, dtype)
         if visual_cache is not None:
             inputs = visual_cache.inputs_for(model, prompts, inputs)
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        mine = hybrid_cache(hf_model(model)) if self.hybrid else None
+        if self.hybrid and mine is None:
+            raise UrtError(f"the {self.family} model's cache layers are not the plain key/value and "
+                           f"linear-attention layers urt.models.hybrid.hybrid_cache selects rows of")
+        out = model(**inputs, use_cache=True, logits_to_keep=1, **({cache_arg: mine} if mine is not None else {}))
         cache = getattr(out, "cache", None)
         if cache is None:
             cache = getattr(out, "past_key_values", None)
+        if cache is not None and cache.get_seq_length() == 0:  # ours came back unfilled: dropped as well
+            cache = None
         if cache is None:
             if model.training and _gradient_checkpointing(model):
                 self.checkpointing_drops_cache = True

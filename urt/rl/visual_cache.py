@@ -20,7 +20,7 @@ model computes what it computes on the normal path; only the vision forward is s
 |---|---|---|
 | qwen2_5_vl | images, videos | `pooler_output`: merger output, image order (the tower undoes its window order) |
 | qwen3_vl | images, videos | `pooler_output` + the per-layer DeepStack features (both taken by `mm_encoder_outputs`) |
-| qwen3_5 | images, videos | `pooler_output` (its LM takes no DeepStack features); padded collation only |
+| qwen3_5 | images, videos | `pooler_output` (its LM takes no DeepStack features) |
 | llava_onevision | images, videos | projected, anyres-packed image features (with `image_newline`); pooled video |
 
 Falls back to the normal path (the cache is refused by `VisualCache(...)` with a `UrtError`, or

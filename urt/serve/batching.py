@@ -32,6 +32,26 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     completions: list | None = None  # `Completion`s, `params.n` of them
     error: BaseException | None = None
+    deadline: float | None = None  # time.monotonic() past which its generation is stopped (504)
+    timeout_s: float | None = None
+    cancelled: str | None = None  # why its client no longer wants it (e.g. it disconnected)
+
+    def cancel(self, why: str) -> None:
+        """Stop this job's work: skipped while queued, its rows ended at the next decoding step if running."""
+        self.cancelled = why
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def should_stop(self) -> bool:
+        return self.cancelled is not None or self.expired()
+
+    def stopped_error(self) -> RequestError:
+        if self.cancelled is not None:
+            return RequestError(f"cancelled: {self.cancelled}", status=499, code="cancelled")
+        return RequestError(f"the request ran past this server's time limit of {self.timeout_s:g} s per request "
+                            f"(--max-request-seconds); its generation was stopped", status=504, type="server_error",
+                            code="timeout")
 
 
 class Batcher:
@@ -88,8 +108,11 @@ class Batcher:
         return {"batches": batches, "batch_sizes": sizes, "max_batch_size_seen": max(sizes, default=0),
                 "mean_batch_size": (sum(sizes) / len(sizes)) if sizes else 0.0, "queued": queued}
 
-    def submit(self, encoded, params: SamplingParams) -> Job:
+    def submit(self, encoded, params: SamplingParams, timeout_s: float | None = None) -> Job:
         job = Job(encoded=encoded, params=params)
+        if timeout_s is not None:
+            job.timeout_s = float(timeout_s)
+            job.deadline = job.enqueued + float(timeout_s)
         with self._cond:
             if not self._running:
                 raise RequestError("the server is shutting down", status=503, type="server_error")
@@ -142,6 +165,13 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
+        gone = [j for j in batch if j.should_stop()]  # cancelled or out of time while queued: not run at all
+        for job in gone:
+            job.error = job.stopped_error()
+            job.done.set()
+        batch = [j for j in batch if j not in gone]
+        if not batch:
+            return
         try:
             self._generate(batch)
             with self._stats_lock:
@@ -172,7 +202,10 @@ class Batcher:
             seed = secrets.randbelow(2 ** 31)  # unseeded sampling: a fresh draw per batch
         cfg = GenerationConfig(max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                                num_return_sequences=p.n, batch_size=len(batch), seed=int(seed) % (2 ** 63))
-        results = gen(self.bundle, [j.encoded for j in batch], cfg)
+        kwargs = {}
+        if _takes_stop_rows(gen):
+            kwargs["stop_rows"] = lambda idx: [batch[i].should_stop() for i in idx]
+        results = gen(self.bundle, [j.encoded for j in batch], cfg, **kwargs)
         if not isinstance(results, list) or len(results) != len(batch):
             raise UrtError(f"generate() returned {type(results).__name__} of length "
                            f"{len(results) if hasattr(results, '__len__') else '?'} for {len(batch)} prompts")
@@ -180,4 +213,18 @@ class Batcher:
             if (not isinstance(completions, list) or len(completions) != p.n
                     or not all(isinstance(c, Completion) for c in completions)):
                 raise UrtError(f"generate() returned {completions!r} for one prompt; expected {p.n} Completions")
-            job.completions = completions
+            cut = any(c.finish_reason == "length" and len(c.ids) < p.max_tokens for c in completions)
+            if cut and job.should_stop():  # stopped part-way: its client gets the reason, not a cut-off text
+                job.error = job.stopped_error()
+            else:
+                job.completions = completions
+
+
+def _takes_stop_rows(fn) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "stop_rows" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

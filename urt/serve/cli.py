@@ -16,11 +16,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Everything the operator got wrong fails here, before the model takes minutes to load.
     keys = collect_keys(args.api_key or (), args.api_key_file or ())
     roots = media_roots(args.media_root or ())
+    from urt.models.preprocessing import exported_frames
+
+    # frames per video: as the model was trained (its folder's urt.json) unless given
+    video_frames = args.video_frames if args.video_frames is not None else exported_frames(args.model,
+                                                                                          Limits().video_frames)
     limits = Limits(max_images=args.max_images, max_videos=args.max_videos, max_pixels=args.max_pixels,
-                    max_video_frames=args.max_video_frames, video_frames=args.video_frames,
+                    max_video_frames=args.max_video_frames, video_frames=video_frames,
                     max_media_bytes=args.max_media_bytes, max_body_bytes=args.max_body_bytes,
                     max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, max_tokens=args.max_tokens_limit,
-                    max_concurrent_per_key=args.max_concurrent_per_key)
+                    max_concurrent_per_key=args.max_concurrent_per_key,
+                    max_request_seconds=args.max_request_seconds)
     if args.max_new_tokens > limits.max_tokens:
         raise UrtError(f"--max-new-tokens {args.max_new_tokens} is over --max-tokens-limit {limits.max_tokens}")
     problem = exposure_problem(args.host, bool(keys))
@@ -41,7 +47,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     auth = f"{len(keys)} API key(s)" if keys else f"no API key (set one with --api-key-file or ${ENV_VAR})"
     media = ", ".join(map(str, roots)) if roots else "none (data URLs only)"
     print(f"urt serve: {server.model_name} ({bundle.family}) at {url}/v1  (Ctrl-C to stop)\n"
-          f"urt serve: {auth}; media roots: {media}; prompt limit {server.limits.max_prompt_tokens} tokens",
+          f"urt serve: {auth}; media roots: {media}; prompt limit {server.limits.max_prompt_tokens} tokens; "
+          f"time limit {server.request_timeout_s:g} s per request; {server.limits.video_frames} frames per video",
           flush=True)
     server.serve_forever()  # until Ctrl-C, then shuts down
     print("urt serve: stopped", flush=True)
@@ -91,8 +98,9 @@ def register(subparsers) -> None:
                      help="decoded pixels of a request's images and kept video frames (413; default %(default)s)")
     lim.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
                      help="frames in one video, counted before decoding (413; default %(default)s)")
-    lim.add_argument("--video-frames", type=int, default=d.video_frames,
-                     help="frames kept per video, uniformly spaced (default %(default)s)")
+    lim.add_argument("--video-frames", type=int, default=None,
+                     help=f"frames kept per video, uniformly spaced (default: as the model was trained, from its "
+                          f"folder's urt.json, else {d.video_frames})")
     lim.add_argument("--max-media-bytes", type=int, default=d.max_media_bytes,
                      help="bytes of one media file or data URL payload (413; default %(default)s)")
     lim.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
@@ -106,4 +114,8 @@ def register(subparsers) -> None:
     lim.add_argument("--max-concurrent-per-key", type=int, default=d.max_concurrent_per_key,
                      help="chat requests in flight per API key, or per client address without keys "
                           "(429; default %(default)s)")
+    lim.add_argument("--max-request-seconds", type=int, default=d.max_request_seconds,
+                     help="seconds a request may take, queue included: past it its generation is stopped and it "
+                          "gets a 504 (default %(default)s); a client that disconnects has its generation stopped "
+                          "at once")
     p.set_defaults(func=_cmd_serve)

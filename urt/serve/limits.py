@@ -24,6 +24,9 @@ class Limits:
     max_n: int = 8  # completions per request
     max_tokens: int = 4096  # max_tokens a request may ask for
     max_concurrent_per_key: int = 32  # requests in flight per API key (per client address without keys)
+    # seconds from a request's arrival in the queue to its answer: past it, its generation is stopped and it
+    # gets a 504, so one long request cannot hold the worker (a 7B judge writes ~1k tokens in well under this)
+    max_request_seconds: int = 600
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
-from urt.errors import UrtError
+from urt.errors import UrtError, describe
 from urt.serve.errors import RequestError
 from urt.serve.limits import Limits
 
@@ -216,14 +216,14 @@ class MediaReader:
             raise self.limits.refuse("max_pixels", f"{where}: the image is larger than PIL's decompression-bomb "
                                      f"limit", status=413, param=where) from None
         except Exception as err:  # noqa: BLE001 - PIL raises many types for data that is no image
-            raise RequestError(f"{where}: cannot decode image ({type(err).__name__}: {err})", param=where,
+            raise RequestError(f"{where}: cannot decode image ({describe(err)})", param=where,
                                code="invalid_image") from None
         budget.take(img.width * img.height, where)
         try:
             img.load()
             return to_rgb(img)
         except Exception as err:  # noqa: BLE001
-            raise RequestError(f"{where}: cannot decode image ({type(err).__name__}: {err})", param=where,
+            raise RequestError(f"{where}: cannot decode image ({describe(err)})", param=where,
                                code="invalid_image") from None
 
     def video(self, url, where: str, budget: PixelBudget) -> Clip:

@@ -42,6 +42,13 @@ from urt.serve.request import encode_messages, parse_sampling
 log = logging.getLogger(__name__)
 
 
+POLL_S = 0.05  # how often a waiting request checks its client and its time
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready: nothing to send."""
+
+
 class JudgeServer:
     """OpenAI-compatible chat server around a loaded `ModelBundle` (see the module docstring).
 
@@ -58,7 +65,7 @@ class JudgeServer:
                  max_batch_size: int = 8, batch_wait_ms: float = 10, max_new_tokens: int = 1024,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  limits: Limits | None = None, api_keys: Iterable[str] = (), require_key: bool = False,
-                 media_roots: Iterable[str | Path] = (), max_queue: int = 1024, request_timeout_s: float = 3600.0,
+                 media_roots: Iterable[str | Path] = (), max_queue: int = 1024, request_timeout_s: float | None = None,
                  generate_fn: Callable | None = None):
         if isinstance(max_batch_size, bool) or int(max_batch_size) < 1:
             raise UrtError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -85,7 +92,9 @@ class JudgeServer:
         self.keys = KeyRing(api_keys)
         self.require_key = bool(require_key)
         self.concurrency = ConcurrencyLimiter(limits.max_concurrent_per_key)
-        self.request_timeout_s = float(request_timeout_s)
+        # each request's time bound (queue + generation): limits.max_request_seconds unless given here
+        self.request_timeout_s = float(request_timeout_s if request_timeout_s is not None
+                                       else limits.max_request_seconds)
         self.batcher = Batcher(bundle, max_batch_size=max_batch_size, batch_wait_s=float(batch_wait_ms) / 1000.0,
                                max_queue=max_queue, seed=seed, generate_fn=generate_fn)
         self._encode_lock = threading.Lock()  # processor / tokenizer calls from HTTP threads
@@ -93,7 +102,7 @@ class JudgeServer:
         self._http_thread: threading.Thread | None = None
         self._stats_lock = threading.Lock()
         self._counts = {"requests": 0, "completed": 0, "client_errors": 0, "server_errors": 0, "unauthorized": 0,
-                        "rate_limited": 0}
+                        "rate_limited": 0, "cancelled": 0, "timed_out": 0}
         self.created = int(time.time())
 
     @property
@@ -195,8 +204,10 @@ class JudgeServer:
 
     # ------------------------------------------------------------------------------ requests
 
-    def chat_completion(self, body) -> dict:
-        """Answer one parsed /v1/chat/completions body (raises RequestError for client errors)."""
+    def chat_completion(self, body, client_gone: Callable[[], bool] | None = None) -> dict:
+        """Answer one parsed /v1/chat/completions body (raises RequestError for client errors). While it
+        waits, `client_gone()` is polled: a client that has disconnected has its job cancelled (ClientGone);
+        past `request_timeout_s` the job is stopped and the request answered 504."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
         model = body.get("model")
@@ -209,10 +220,19 @@ class JudgeServer:
         with self._encode_lock:
             encoded = encode_messages(self.bundle, body.get("messages"), key=rid, limits=self.limits,
                                       media=self.media)
-        job = self.batcher.submit(encoded, params)
-        if not job.done.wait(self.request_timeout_s):
-            raise RequestError(f"generation did not finish within {self.request_timeout_s:g} s", status=504,
-                               type="server_error", code="timeout")
+        job = self.batcher.submit(encoded, params, timeout_s=self.request_timeout_s)
+        while not job.done.wait(POLL_S):
+            if client_gone is not None and client_gone():
+                job.cancel("the client disconnected")
+                self._count("cancelled")
+                raise ClientGone()
+            if time.monotonic() > job.deadline + 1.0:
+                # The worker ends an expired job at its next token (and skips it while queued); this answers a
+                # job stuck behind something that cannot be stopped between tokens (a long prefill).
+                self._count("timed_out")
+                raise job.stopped_error()
+        if isinstance(job.error, RequestError) and job.error.code == "timeout":
+            self._count("timed_out")
         if job.error is not None:
             if isinstance(job.error, RequestError):
                 raise job.error
@@ -351,15 +371,29 @@ class _Handler(BaseHTTPRequestHandler):
                     body = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise RequestError(f"invalid JSON body: {err}") from None
-                self._send(200, self.judge.chat_completion(body))
+                self._send(200, self.judge.chat_completion(body, client_gone=self._client_gone))
             finally:
                 self.judge.concurrency.release(ident)
+        except ClientGone:
+            self.close_connection = True
         except RequestError as err:
             self.judge._count("client_errors" if err.status < 500 else "server_errors")
             self._error(err)
         except Exception as err:  # noqa: BLE001 - answer 500, keep serving
             self.judge._count("server_errors")
             self._internal(err)
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its connection (readable with nothing to read: end of stream). A
+        client that already sent its next request on this connection is still there."""
+        import select
+        import socket
+
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
 
     def _internal(self, err: Exception) -> None:
         log.warning("urt serve: internal error: %s: %s", type(err).__name__, err)

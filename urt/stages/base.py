@@ -9,13 +9,17 @@ Everything a run writes lives in `cfg.stage.run_dir`::
     run_dir/checkpoints/         Lightning state for exact resume (model, optimizer, scheduler, loop and
                                  data position): step-NNNNNN.ckpt every stage.checkpoint.every_n_steps,
                                  last.ckpt (also written at the end of fit)
-    run_dir/hf/final/            plain transformers folder (model + processor) at the end of fit
+    run_dir/hf/final/            plain transformers folder (model + processor, urt.json: the step it holds and
+                                 the training preprocessing) at the end of fit, or after it when the run ended
+                                 without one (an interrupted export); written under hf/.final.tmp and renamed
     run_dir/hf/step-NNNNNN/      the same every stage.hf.every_n_steps (optional)
     run_dir/csv/, run_dir/wandb/ loggers
+    run_dir/data_summary.json    samples read and skipped per reason over the run
 
-Resume (`stage.resume`): "auto" continues from `run_dir/checkpoints/last.ckpt` when it exists,
-"never" starts fresh (an existing last.ckpt is then an error, so a run is never silently
-overwritten), a path resumes from that checkpoint.
+Resume (`stage.resume`): "auto" continues from `run_dir/checkpoints/last.ckpt` when it exists (a damaged
+one is set aside and the newest intact checkpoint beside it used, with a warning), "never" starts fresh
+(an existing last.ckpt is then an error, so a run is never silently overwritten), a path resumes from
+that checkpoint. Guarantees: docs/reliability.md.
 
 **The module from the config.** `cfg.stage` names its LightningModule by `_target_`; its other keys are the
 module's constructor arguments, except the run settings every stage shares (`RUN_KEYS`: name, run_name,
@@ -26,9 +30,13 @@ the key and the keys it takes (a typo such as `+stage.betaa=0.1` is never silent
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
+import shutil
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -121,10 +129,12 @@ class HFExport(Callback):
     (`full_model_state`), which then writes them; a LoRA model is refused there at setup (merging needs
     the full base weights on one rank: train LoRA with DDP)."""
 
-    def __init__(self, bundle, out_dir: str | Path, every_n_steps: int | None = None):
+    def __init__(self, bundle, out_dir: str | Path, every_n_steps: int | None = None,
+                 preprocessing: dict | None = None):
         self.bundle = bundle
         self.out_dir = Path(out_dir)
         self.every = int(every_n_steps or 0)
+        self.preprocessing = preprocessing  # the data module's pixel budgets / frames (urt.models.preprocessing)
         self.written: list[Path] = []
         self._last = -1
 
@@ -145,13 +155,27 @@ class HFExport(Callback):
     def _save(self, trainer: L.Trainer, name: str) -> None:
         state = full_model_state(trainer) if is_fsdp(trainer) or is_sharded(trainer) else None
         if trainer.is_global_zero:
-            from urt.models import save_pretrained
-
-            path = save_pretrained(self.bundle, self.out_dir / name) if state is None else \
-                save_full_state(self.bundle, state, self.out_dir / name)
-            self.written.append(path)
-            log.info("wrote %s", path)
+            self.write(name, trainer.global_step, state)
         trainer.strategy.barrier("urt_hf_export")
+
+    def write(self, name: str, step: int, state: dict | None = None) -> Path:
+        """Rank 0's part of an export: the folder is written under a temporary sibling name and renamed into
+        place when complete, so an `hf/<name>` folder that exists is always whole (a run killed mid-export
+        leaves only the temporary folder, which the next export replaces)."""
+        from urt.models import save_pretrained
+        from urt.models.preprocessing import export_bundle, write_export_record
+
+        dest = self.out_dir / name
+        tmp = dest.with_name(f".{name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        bundle = export_bundle(self.bundle, self.preprocessing)
+        save_pretrained(bundle, tmp) if state is None else save_full_state(bundle, state, tmp)
+        write_export_record(tmp, step=step, preprocessing=self.preprocessing)
+        publish_folder(tmp, dest)
+        self.written.append(dest)
+        log.info("wrote %s", dest)
+        return dest
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # global_step counts optimizer steps: under accumulation it stays at a multiple for the following
@@ -167,6 +191,19 @@ class HFExport(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, FINAL)
+
+
+def publish_folder(tmp: Path, dest: Path) -> None:
+    """Move the complete folder `tmp` to `dest` (a rename on the same file system). An older `dest` is moved
+    aside first and removed after, so `dest` is at every moment either the old or the new folder, or absent
+    for the instant between the two renames."""
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class LastCheckpoint(Callback):
@@ -201,7 +238,13 @@ class _AppendingWriter(_CSVWriter):
 
 class ResumableCSVLogger(_CSVLogger):
     """CSVLogger whose metrics.csv survives a resume (rows keep their `step`; rows logged after the last
-    checkpoint of a crashed run appear twice, the later ones being the resumed run's)."""
+    checkpoint of a crashed run appear twice, the later ones being the resumed run's). No row is lost:
+    `FlushLogsAtCheckpoint` writes every buffered row, and the row of the step being checkpointed (which
+    Lightning logs only after the checkpoint hook), to disk before each checkpoint file is written."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._early: dict[int, set] = {}  # step -> metric names written ahead of Lightning (`write_ahead`)
 
     @property
     @rank_zero_experiment
@@ -211,15 +254,126 @@ class ResumableCSVLogger(_CSVLogger):
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    def write_ahead(self, metrics: dict, step: int) -> None:
+        """Write the row of `step` now (and flush): Lightning sends it again after the checkpoint, and
+        `log_metrics` then writes only what was not in it."""
+        done = self._early.setdefault(step, set())
+        new = {k: v for k, v in metrics.items() if k not in done}
+        if set(new) - {"epoch"}:  # (the periodic and the last checkpoint of one step both come here)
+            super().log_metrics(new, step)
+            done.update(new)
+        self.save()
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        done = self._early.pop(step, None) if step is not None else None
+        if done is not None:
+            metrics = {k: v for k, v in metrics.items() if k not in done}
+            if not set(metrics) - {"epoch"}:
+                return
+        super().log_metrics(metrics, step)
+
+
+class FlushLogsAtCheckpoint(Callback):
+    """Before every checkpoint file is written: the CSV rows still buffered go to disk, and so does the row
+    of the step being checkpointed when the checkpoint is taken in `on_train_batch_end` (Lightning logs that
+    row after the hook; a kill just after the checkpoint would otherwise lose it for good, since the resumed
+    run starts at the next step)."""
+
+    def __init__(self):
+        self._in_batch_end = False
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self._in_batch_end = False
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        # Lightning runs checkpoint callbacks after every other callback's hook: the periodic checkpoint
+        # of this step comes after this
+        self._in_batch_end = True
+
+    def on_validation_start(self, *args, **kwargs) -> None:
+        self._in_batch_end = False
+
+    def on_train_end(self, *args, **kwargs) -> None:
+        self._in_batch_end = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        csv = [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
+        if not csv:
+            return
+        pending = None
+        conn = trainer._logger_connector
+        # every rank computes the row (as Lightning does), rank 0 writes it
+        if self._in_batch_end and conn.should_update_logs:
+            from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+            metrics = convert_tensors_to_scalars(dict(conn.metrics["log"]))
+            if metrics:  # what Lightning's update_train_step_metrics is about to log, at the same step
+                metrics.setdefault("epoch", trainer.current_epoch)
+                pending = (metrics, trainer.fit_loop.epoch_loop._batches_that_stepped)
+        if not trainer.is_global_zero:
+            return
+        for lg in csv:
+            if pending is not None:
+                lg.write_ahead(*pending)
+            else:
+                lg.save()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint file `path` cannot be loaded, or None when it looks whole. torch writes a zip
+    whose directory comes last, so a file cut short (a kill or a full disk mid-write) has none; this reads
+    only that directory, not the weights. A folder (FSDP's sharded checkpoint) is left to its loader."""
+    if path.is_dir():
+        return None
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        return f"not a complete torch checkpoint ({size} bytes; {type(err).__name__}: {err})"
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        return "not a torch checkpoint (its zip holds no data.pkl)"
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint out of the way (kept, not deleted: the next save would overwrite it)."""
+    n = 0
+    while (dest := path.with_name(f"{path.name}.corrupt{'' if n == 0 else f'-{n}'}")).exists():
+        n += 1
+    os.replace(path, dest)
+    return dest
+
 
 def resume_path(cfg: DictConfig) -> str | None:
     mode = str(cfg.stage.get("resume", "auto") or "auto")
-    last = run_dir(cfg) / CKPT_DIR / "last.ckpt"
+    ckpts = run_dir(cfg) / CKPT_DIR
+    last = ckpts / "last.ckpt"
     if mode == "auto":
         # Lightning's Slurm plugin writes run_dir/hpc_ckpt_N.ckpt when the job is signalled before its time
         # limit (USR1, slurm/*.sbatch): resume from whichever of those and last.ckpt is newest
         found = [p for p in [last, *run_dir(cfg).glob("hpc_ckpt_*.ckpt")] if p.exists()]
-        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+        if not found:
+            return None
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        why = checkpoint_problem(newest)
+        if why is None:
+            return str(newest)
+        # The newest is damaged: fall back to the newest intact one beside it (periodic step-*.ckpt, other
+        # hpc checkpoints) rather than fail, or silently start over.
+        others = sorted((p for p in [*found, *ckpts.glob("step-*.ckpt")] if p != newest and p.exists()),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        fallback = next((p for p in others if checkpoint_problem(p) is None), None)
+        if fallback is None:
+            raise UrtError(f"cannot resume: {newest} is {why}, and no intact checkpoint is beside it "
+                           f"(checked {len(others)} other(s)); delete it to start over, or pass stage.resume=PATH "
+                           f"to resume from another checkpoint")
+        aside = _set_aside(newest)
+        msg = (f"{newest} is {why} (kept as {aside.name}); resuming from the newest intact checkpoint, {fallback} "
+               f"(stage.resume=PATH picks another)")
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=2)
+        return str(fallback)
     if mode == "never":
         if last.exists():
             raise UrtError(f"{last} exists and stage.resume=never: pick another stage.run_dir (or "
@@ -228,6 +382,11 @@ def resume_path(cfg: DictConfig) -> str | None:
     path = Path(mode).expanduser()
     if not path.exists():  # a file, or a folder (FSDP's sharded checkpoints)
         raise UrtError(f"stage.resume={mode!r}: no such checkpoint (use auto, never or a .ckpt path)")
+    why = checkpoint_problem(path)
+    if why is not None:
+        step_ckpts = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path)
+        raise UrtError(f"stage.resume={mode!r}: {path} is {why}" + (
+            f"; other checkpoints beside it: {', '.join(step_ckpts[-3:])}" if step_ckpts else ""))
     return str(path)
 
 
@@ -280,16 +439,28 @@ def accumulation(cfg: DictConfig) -> int | None:
     return int(eff) // per_step
 
 
+def model_checkpoint(cfg: DictConfig, out: Path) -> ModelCheckpoint:
+    """The periodic checkpointing of `stage.checkpoint` (every_n_steps, keep, save_last)."""
+    ck = cfg.stage.get("checkpoint") or {}
+    try:
+        return ModelCheckpoint(dirpath=str(out / CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
+                               every_n_train_steps=ck.get("every_n_steps") or None, save_top_k=int(ck.get("keep", 1)),
+                               monitor=None, save_last=ck.get("save_last", True), save_on_train_epoch_end=False)
+    except Exception as err:  # noqa: BLE001 - Lightning's MisconfigurationException, int() of a bad value
+        raise UrtError(f"stage.checkpoint={OmegaConf.to_container(ck) if OmegaConf.is_config(ck) else ck}: {err} "
+                       f"(keep: 1 = the latest periodic checkpoint, -1 = all, 0 = none)") from None
+
+
 def stage_callbacks(cfg: DictConfig, bundle, out: Path, extra: Sequence[Callback] = ()) -> list[Callback]:
     """The callbacks every training stage runs: Lightning checkpoints for resume (periodic + last.ckpt),
     plain transformers exports under hf/, any `callbacks:` from the config, then the caller's."""
     st = cfg.stage
-    ck = st.checkpoint
-    ckpt = ModelCheckpoint(dirpath=str(out / CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
-                           every_n_train_steps=ck.get("every_n_steps") or None, save_top_k=int(ck.get("keep", 1)),
-                           monitor=None, save_last=ck.get("save_last", True), save_on_train_epoch_end=False)
-    cbs: list[Callback] = [ckpt, LastCheckpoint(ckpt),
-                           HFExport(bundle, out / HF_DIR, st.get("hf", {}).get("every_n_steps"))]
+    ckpt = model_checkpoint(cfg, out)
+    from urt.models.preprocessing import training_preprocessing
+
+    cbs: list[Callback] = [ckpt, LastCheckpoint(ckpt), FlushLogsAtCheckpoint(),
+                           HFExport(bundle, out / HF_DIR, st.get("hf", {}).get("every_n_steps"),
+                                    preprocessing=training_preprocessing(cfg.get("data")))]
     if cfg.get("callbacks"):
         cbs += [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
     return cbs + list(extra)
@@ -420,13 +591,101 @@ class StageParts:
         return iter((self.bundle, self.datamodule, self.module, self.trainer, self.ckpt_path))
 
 
-def start(cfg: DictConfig):
-    """The set-up every stage begins with: the run folder, the seed, the checkpoint to resume from (checked
-    before anything heavy is loaded) and the model bundle. Returns (run folder, ckpt_path, bundle)."""
+def check_writable(out: Path) -> None:
+    """The run folder (and the folders a run writes into it) can be created and written: found now, not at
+    the first checkpoint after the training it would lose."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UrtError(f"cannot create the run folder {out} (stage.run_dir): {err.strerror or err}; pick another "
+                       f"paths.root or stage.run_dir") from None
+    for d in [out, *(out / sub for sub in (CKPT_DIR, HF_DIR, "csv") if (out / sub).exists())]:
+        probe = d / f".urt-write-test-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise UrtError(f"cannot write in {d} ({err.strerror or err}): a run writes its checkpoints, hf/ export "
+                           f"and logs under stage.run_dir; fix the permissions or pick another paths.root or "
+                           f"stage.run_dir") from None
+
+
+def _instantiate_error(what: str, err: Exception) -> UrtError:
+    """A UrtError for a config part Hydra could not build (Hydra wraps the builder's own error)."""
+    cause = err
+    while getattr(cause, "__cause__", None) is not None and not isinstance(cause, UrtError):
+        cause = cause.__cause__
+    if isinstance(cause, UrtError):
+        return UrtError(f"{what}: {cause}")
+    return UrtError(f"{what}: {type(cause).__name__}: {cause}")
+
+
+# Trainer settings that must be whole numbers (or null) and what a value means.
+_TRAINER_INTS = ("max_steps", "min_steps", "max_epochs", "min_epochs", "accumulate_grad_batches",
+                 "log_every_n_steps", "num_nodes", "num_sanity_val_steps", "check_val_every_n_epoch")
+
+
+def check_trainer_config(cfg: DictConfig, out: Path) -> None:
+    """`cfg.trainer` builds a Trainer (accelerator present, devices, strategy, numbers): checked with a
+    throwaway Trainer before the model loads (the real one needs the model's callbacks)."""
+    tr = cfg.get("trainer")
+    if tr is None:
+        raise UrtError("no trainer in the config: add `trainer=cpu` (or gpu, ddp, fsdp; conf/trainer/)")
+    for key in _TRAINER_INTS:
+        v = tr.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UrtError(f"trainer.{key}={v!r}: expected a whole number (or null)")
+    accel = str(tr.get("accelerator", "auto") or "auto").lower()
+    if accel in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UrtError(f"trainer.accelerator={accel} but this machine has no usable CUDA GPU "
+                           f"(torch.cuda.is_available() is False): use trainer=cpu, or run where a GPU is")
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)  # the throwaway Trainer's "GPU available" lines would print twice
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            instantiate(tr, callbacks=[], logger=False, enable_checkpointing=False, default_root_dir=str(out))
+    except UrtError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Lightning raises several types for a bad setting
+        raise _instantiate_error("trainer config (conf/trainer, trainer.* overrides)", err) from None
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+
+
+def check_data_config(cfg: DictConfig, **data_kwargs) -> None:
+    """`cfg.data` builds its data module (batch size, orders, tasks, pixel budgets...): the module's own
+    checks, run before the model loads."""
+    if cfg.get("data") is None:
+        raise UrtError("no data in the config (conf/data)")
+    try:
+        instantiate(cfg.data, **data_kwargs)
+    except Exception as err:  # noqa: BLE001 - Hydra wraps the data module's UrtError
+        raise _instantiate_error("data config (conf/data, data.* overrides)", err) from None
+    if cfg.stage.get("effective_batch_size"):
+        accumulation(cfg)
+
+
+def start(cfg: DictConfig, *, exclude: Sequence[str] = (), given: Sequence[str] = (),
+          data_kwargs: dict | None = None):
+    """The set-up every stage begins with: the run folder (created and writable), the config (the trainer,
+    the data module and the stage's module settings, `exclude`/`given` as for `instantiate_module`), the
+    seed, the checkpoint to resume from, all checked before anything heavy is loaded, then the model bundle.
+    Returns (run folder, ckpt_path, bundle)."""
     from urt.models import load_model
 
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    check_trainer_config(cfg, out)
+    check_data_config(cfg, **(data_kwargs or {}))
+    module_class(cfg, exclude, given)
+    model_checkpoint(cfg, out)
     L.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = resume_path(cfg)
     bundle = load_model(**OmegaConf.to_container(cfg.model, resolve=True))
@@ -443,9 +702,9 @@ def module_settings(cfg: DictConfig, exclude: Sequence[str] = ()) -> DictConfig:
     return OmegaConf.create({k: v for k, v in st.items() if k not in skip})
 
 
-def instantiate_module(cfg: DictConfig, exclude: Sequence[str] = (), **given) -> L.LightningModule:
-    """The stage's LightningModule from `cfg.stage` (see the module docstring), with `given` (the bundle,
-    optimizer and scheduler partials, whatever the builder computes) passed as well."""
+def module_class(cfg: DictConfig, exclude: Sequence[str] = (), given: Sequence[str] = ()):
+    """The stage's LightningModule class, its settings checked against its constructor (`given`: the
+    argument names the builder passes itself)."""
     spec = module_settings(cfg, exclude)
     target = spec._target_
     from hydra.utils import get_class
@@ -467,6 +726,14 @@ def instantiate_module(cfg: DictConfig, exclude: Sequence[str] = (), **given) ->
         raise UrtError(f"stage.{unknown[0]} is not a setting of {cls.__name__} (stage={cfg.stage.get('name')}); "
                        f"its settings: {', '.join(k for k in known if k not in given)}; the run settings: "
                        f"{', '.join((*RUN_KEYS, *exclude))}")
+    return cls
+
+
+def instantiate_module(cfg: DictConfig, exclude: Sequence[str] = (), **given) -> L.LightningModule:
+    """The stage's LightningModule from `cfg.stage` (see the module docstring), with `given` (the bundle,
+    optimizer and scheduler partials, whatever the builder computes) passed as well."""
+    cls = module_class(cfg, exclude, tuple(given))
+    spec = module_settings(cfg, exclude)
     # Components among the settings (the GRPO loss) are built by Hydra; what the builder computed (the bundle,
     # a RewardSet, ...) goes to the constructor as it is (Hydra would copy it into an OmegaConf node).
     kwargs = {k: instantiate(v, _convert_="all") if isinstance(v, dict) and "_target_" in v else v
@@ -499,7 +766,42 @@ def fit(cfg: DictConfig, parts: StageParts) -> Path:
         trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=parts.ckpt_path)
     finally:
         finish_loggers(trainer)
-    summary = getattr(parts.datamodule, "summary", None)
-    if callable(summary):
-        log.info("data: %s", summary())
+    report_data(cfg, parts.datamodule, trainer)
+    ensure_final_export(trainer)
     return final_hf_dir(cfg)
+
+
+def report_data(cfg: DictConfig, dm, trainer: L.Trainer) -> None:
+    """The run's read/skip counts per reason: logged (a warning when anything was skipped, so a CLI user
+    sees it) and written to run_dir/data_summary.json."""
+    summary = getattr(dm, "summary", None)
+    if not callable(summary):
+        return
+    stats = getattr(dm, "run_skip_stats", None)
+    skipped = bool(stats is not None and stats.total_skipped)
+    log.log(logging.WARNING if skipped else logging.INFO, "data: %s", summary())
+    if stats is not None and trainer.is_global_zero:
+        rec = {"train": stats.as_dict(), "position": getattr(dm, "position", None),
+               "eval": {k: v.as_dict() for k, v in getattr(dm, "eval_skip_stats", {}).items()}}
+        (run_dir(cfg) / "data_summary.json").write_text(json.dumps(rec, indent=1) + "\n")
+
+
+def ensure_final_export(trainer: L.Trainer) -> None:
+    """Export hf/final when the run ended without one for its last step: a run whose export was interrupted
+    (or whose hf/ was deleted) restores last.ckpt at max_steps, where Lightning skips the training loop and
+    with it `on_train_end`. The weights are the restored ones."""
+    from urt.models.preprocessing import exported_step
+
+    export = next((c for c in trainer.callbacks if isinstance(c, HFExport)), None)
+    if export is None:
+        return
+    final = export.out_dir / FINAL
+    if exported_step(final) == trainer.global_step:
+        return
+    if is_fsdp(trainer):  # the sharded weights are gone with the strategy's teardown
+        raise UrtError(f"{final} does not hold the run's last step ({trainer.global_step}) and an FSDP run cannot "
+                       f"export after fit; re-run with trainer.max_steps raised by one to export")
+    if trainer.is_global_zero:
+        log.warning("%s is missing or older than the run's last step (%d): exporting it now", final,
+                    trainer.global_step)
+        export.write(FINAL, trainer.global_step)

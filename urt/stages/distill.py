@@ -821,21 +821,80 @@ def distill(samples_iter: Iterable[Sample], teacher: Teacher, out_dir: str | Pat
     return report
 
 
+# The keyword options each teacher takes (its constructor's, less the test hook `client`).
+TEACHER_OPTIONS = {
+    "rule": ("template_set", "seed", "dimensions", "style"),
+    "openai": ("base_url", "model", "api_key", "template_set", "concurrency", "timeout", "max_retries",
+               "backoff_base", "backoff_max", "temperature", "max_tokens", "image_format", "frames", "max_pixels",
+               "extra_body", "seed"),
+}
+
+
 def make_teacher(kind: str, **opts: Any) -> Teacher:
     """A teacher by name ("rule" or "openai") from keyword options (unknown options for the kind are
     an error, None values are dropped so defaults apply)."""
     opts = {k: v for k, v in opts.items() if v is not None}
-    if kind == "rule":
-        allowed = {"template_set", "seed"}
-        cls: Any = RuleTeacher
-    elif kind == "openai":
-        allowed = {"base_url", "model", "api_key", "template_set", "concurrency", "timeout", "max_retries",
-                   "backoff_base", "backoff_max", "temperature", "max_tokens", "image_format", "frames",
-                   "max_pixels", "extra_body", "seed"}
-        cls = OpenAITeacher
-    else:
-        raise UrtError(f"unknown teacher {kind!r}; known: rule, openai")
-    unknown = sorted(set(opts) - allowed)
+    if kind not in TEACHER_OPTIONS:
+        raise UrtError(f"unknown teacher {kind!r}; known: {', '.join(TEACHER_OPTIONS)}")
+    cls: Any = RuleTeacher if kind == "rule" else OpenAITeacher
+    unknown = sorted(set(opts) - set(TEACHER_OPTIONS[kind]))
     if unknown:
         raise UrtError(f"teacher {kind!r} does not take option(s) {unknown}")
     return cls(**opts)
+
+
+# ------------------------------------------------------------------------------------------ command
+# cfg.distill settings that drive the run rather than the teacher (conf/distill/*.yaml declares them all).
+RUN_SETTINGS = ("teacher", "shards", "out_dir", "tasks", "limit", "progress", "resume", "retry_failed", "batch_size",
+                "require_agreement", "shard_maxcount")
+
+
+def run_distill(cfg) -> DistillReport:
+    """Distil `cfg.distill` (conf/distill/<teacher>.yaml, composed as `+distill=<teacher>`): judge the samples of
+    `distill.shards` with the teacher `distill.teacher` and write the kept ones to `distill.out_dir`. What
+    `urt distill` and a pipeline's distill step both run. Every other `distill.*` setting is a teacher
+    option (`frames` also decodes the input videos), and one the teacher does not take is an error naming it."""
+    from omegaconf import OmegaConf
+
+    from urt.data.shards import SkipStats, iter_headers, read_shards
+
+    if cfg.get("distill") is None:
+        raise UrtError("no `distill` settings in the config: compose it with +distill=rule (or openai)")
+    conf = OmegaConf.to_container(cfg.distill, resolve=True)
+    run = {k: conf.pop(k, None) for k in RUN_SETTINGS}
+    kind = run["teacher"]
+    if kind not in TEACHER_OPTIONS:
+        raise UrtError(f"distill.teacher={kind!r} is not a teacher; known: {', '.join(TEACHER_OPTIONS)}")
+    for key in ("shards", "out_dir"):
+        if not run[key]:
+            raise UrtError(f"distill.{key} is not set (urt distill: --{'out' if key == 'out_dir' else key})")
+    src, out = Path(str(run["shards"])), Path(str(run["out_dir"]))
+    if src.exists() and out.exists() and src.resolve() == out.resolve():
+        raise UrtError(f"distill.out_dir must not be the input shard directory distill.shards={src} (its shards "
+                       "are rewritten)")
+    frames = int(conf.get("frames") or 8)
+    if "frames" not in TEACHER_OPTIONS[kind]:
+        conf.pop("frames", None)  # the rule teacher reads no pixels: frames only decodes the input
+    unknown = sorted(set(conf) - set(TEACHER_OPTIONS[kind]))
+    if unknown:
+        raise UrtError(f"teacher {kind!r} does not take " + ", ".join(f"distill.{k}" for k in unknown)
+                       + f" (its options: {', '.join(TEACHER_OPTIONS[kind])})")
+    teacher = make_teacher(kind, **conf)
+
+    tasks, limit, progress = run["tasks"] or None, run["limit"], run["progress"] is not False
+    total = None
+    if progress:  # the bar's length; a quiet run skips this pass over the shard headers
+        total = sum(1 for _, h in iter_headers(str(src), on_error="skip") if not tasks or h.get("task") in tasks)
+        if limit is not None:
+            total = min(total, limit)
+    stats = SkipStats()
+    samples = read_shards(str(src), on_error="skip", stats=stats, frames=frames)
+    report = distill(samples, teacher, out, require_agreement=run["require_agreement"] is not False,
+                     shard_maxcount=int(run["shard_maxcount"] or 1000), progress=progress,
+                     resume=run["resume"] is not False, retry_failed=bool(run["retry_failed"]), tasks=tasks,
+                     limit=limit, batch_size=run["batch_size"], total=total)
+    if stats.total_skipped:
+        print(f"urt distill: unreadable input samples skipped: {stats.summary()}")
+    if not progress:  # distill() printed its table otherwise
+        print(f"kept {report.kept} of {report.total}: " + ", ".join(f"{k}={v}" for k, v in report.counts.items()))
+    return report

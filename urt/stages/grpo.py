@@ -522,7 +522,8 @@ LOG_KEYS = ("rollouts", "rollout_table_rows")
 
 def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> StageParts:
     """The GRPO stage's parts from a composed config; nothing is fitted yet."""
-    out, ckpt_path, bundle = start(cfg)
+    out, ckpt_path, bundle = start(cfg, exclude=LOG_KEYS, given=("bundle", "rewards", "seed", "optimizer", "scheduler"),
+                                   data_kwargs={"mode": "prompt"})
     dm = instantiate(cfg.data, mode="prompt")  # rollouts need prompt-only encodings
     dm.attach(bundle)
     dm.collator = PromptBatch()

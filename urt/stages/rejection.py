@@ -513,3 +513,32 @@ def rejection_sample(bundle, shards, out_dir, *, k: int = 4, temperature: float 
 
         Console().print(summary_table(summary))
     return report
+
+
+def run_sample(cfg) -> RejectionReport:
+    """Rejection sampling as configured: load `cfg.model` and run `rejection_sample` on `cfg.sample` (sample.shards
+    -> sample.out_dir). What `urt sample` and a pipeline's sample step both run; prints the summary and paths."""
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from urt.models import load_model
+
+    if cfg.get("sample") is None:
+        raise UrtError("no `sample` settings in the config: compose it with the sample group (+sample=default)")
+    s = OmegaConf.to_container(cfg.sample, resolve=True)
+    for key in ("shards", "out_dir"):
+        if not s.get(key):
+            raise UrtError(f"sample.{key} is not set")
+    bundle = load_model(**OmegaConf.to_container(cfg.model, resolve=True))
+    progress = bool(s.pop("progress", True))
+    report = rejection_sample(bundle, s.pop("shards"), s.pop("out_dir"), progress=progress, **s)
+    console = Console()
+    if not progress:  # rejection_sample printed the table itself otherwise
+        console.print(summary_table(report.summary))
+    tot = report.summary["total"]
+    console.print(f"judged {tot['pairs']} pair(s) ({report.generated} generated now, {report.resumed} from "
+                  f"{report.rollouts})")
+    console.print(f"SFT  ({tot['sft_samples']} sample(s) from {tot['sft_pairs']} pair(s)): {report.sft_dir}")
+    console.print(f"GRPO ({tot['grpo_pairs']} pair(s)): {report.grpo_dir}")
+    console.print(f"summary: {report.out_dir / 'summary.json'}")
+    return report

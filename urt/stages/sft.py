@@ -230,7 +230,7 @@ class SFTModule(StageModule):
 def build(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> StageParts:
     """The SFT stage's parts from a composed config (cfg.model, cfg.data, cfg.stage, cfg.optimizer,
     cfg.scheduler, cfg.trainer, cfg.logger); nothing is fitted yet."""
-    out, ckpt_path, bundle = start(cfg)
+    out, ckpt_path, bundle = start(cfg, given=("bundle", "optimizer", "scheduler"))
     dm = instantiate(cfg.data)
     dm.attach(bundle)
     module = instantiate_module(cfg, bundle=bundle, **optimizer_partials(cfg))

@@ -69,6 +69,7 @@ def vl_rewardbench_records(path, image_folder=None, *, on_error="raise", stats: 
     ground_truth, query_source, index. source = query_source (or "vl_rewardbench" when empty)."""
     folder = folder_of(path, image_folder)
     seen: Counter = Counter()
+    taken: dict[str, int] = {}  # key -> index of the item that has it
 
     def parse(index: int, it: Any) -> Record:
         item_id = require(it, "id", (str, int))
@@ -85,6 +86,11 @@ def vl_rewardbench_records(path, image_folder=None, *, on_error="raise", stats: 
         seen[item_id] += 1
         n = seen[item_id]
         key = str(item_id if n == 1 else f"{item_id}#{n}")
+        if key in taken:
+            raise ItemError("duplicate key", f"key {key!r} is already the key of item {taken[key]} (repeated ids "
+                                             f"are keyed '<id>#<n>' from their 2nd occurrence on, so an id that "
+                                             f"itself reads '<id>#<n>' can collide: rename one of the two)")
+        taken[key] = index
         src = it.get("query_source") or ""
         meta = {
             "benchmark": "vl_rewardbench", "id": item_id, "index": index,

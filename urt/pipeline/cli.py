@@ -1,11 +1,18 @@
-"""`urt sweep`: read sweep files and collect a sweep's results (urt/sweeps.py).
+"""`urt pipeline` and `urt sweep`: a whole method pipeline (urt/pipeline/core.py) and sweeps of pipelines
+(urt/pipeline/sweeps.py), e.g.
+
+    urt pipeline experiment=paper/qwen2_5_vl_7b/pipeline
+    urt pipeline experiment=paper/qwen2_5_vl_7b/no_cold_start paths.runs=/scratch/runs
+    urt pipeline experiment=paper/qwen2_5_vl_7b/pipeline model=tiny_qwen2_5_vl trainer=cpu trainer.max_steps=2 \
+        stage.effective_batch_size=null sample.limit=8 "pipeline.eval.after=[]"                   # dry run
 
     urt sweep show experiments/sweeps/paper_ablations.txt            # every run with its task id
     urt sweep show experiments/sweeps/paper_ablations.txt --task-id 2 --shell   # what slurm/array.sbatch runs
     urt sweep collect runs/sweeps/paper_ablations                     # table.md, table.csv, plot.png
     urt sweep multirun hydra/launcher=submitit_slurm experiment=paper/qwen2_5_vl_7b/pipeline seed=0,1,2
 
-`python -m urt.sweeps_cli show FILE --task-id N --shell` does the same without loading the other layers.
+`python -m urt.pipeline.cli sweep show FILE --task-id N --shell` answers like `urt sweep ...` without
+importing the other packages' commands (nor torch).
 """
 
 from __future__ import annotations
@@ -15,8 +22,40 @@ import os
 import sys
 
 
+def stage_table(results: dict, title: str | None = None):
+    """A rich table: one row per evaluated stage, overall / format / per-task accuracy / "1 is better" share."""
+    from rich.table import Table
+
+    from urt.data.schema import TASKS
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    t = Table(title=title)
+    t.add_column("stage")
+    for c in ("overall", "format", *(x.replace("_", " ") for x in TASKS), "answer 1 / gold 1"):
+        t.add_column(c, justify="right")
+    for name, s in results.get("stages", {}).items():
+        tasks = s.get("tasks") or {}
+        t.add_row(name, pct(s.get("overall")), pct(s.get("format_rate")), *(pct(tasks.get(x)) for x in TASKS),
+                  f"{pct(s.get('answer_1_rate'))} / {pct(s.get('gold_1_rate'))}")
+    return t
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from urt.pipeline.core import run_pipeline
+
+    console = Console()
+    pipe, results = run_pipeline(args.overrides, only=args.only, console_log=console.print)
+    console.print(stage_table(results, title=f"{pipe.p.name} (held-out accuracy, %)"))
+    console.print(str(pipe.dir / "results.json"))
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
-    from urt.sweeps import parse_sweep_file, sweep_run
+    from urt.pipeline.sweeps import parse_sweep_file, sweep_run
 
     if args.task_id is not None:
         run = sweep_run(args.sweep_file, args.task_id)
@@ -28,7 +67,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from urt.sweeps import collect
+    from urt.pipeline.sweeps import collect
 
     report = collect(args.sweep_dir, args.out)
     print(f"collected {len(report.runs)} run(s) ({report.rows} row(s)) from {args.sweep_dir}")
@@ -44,7 +83,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _multirun(args: argparse.Namespace) -> int:
-    from urt.sweeps import hydra_multirun
+    from urt.pipeline.sweeps import hydra_multirun
 
     return hydra_multirun(args.overrides, command=args.urt_command)
 
@@ -60,6 +99,17 @@ def _task_id(text: str) -> int:
 
 
 def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline",
+        help="run a method pipeline (cold start -> rejection sampling -> GRPO, eval after each stage)",
+        description="Compose conf/config.yaml with a pipeline experiment and overrides and run its steps in "
+                    "order, each from the previous step's checkpoint; finished steps are skipped on re-run, an "
+                    "interrupted one resumes. Writes <pipeline.dir>/results.json.",
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=paper/qwen2_5_vl_7b/pipeline")
+    p.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
+    p.set_defaults(func=_run)
+
     p = subparsers.add_parser(
         "sweep",
         help="sweep files (one run's Hydra overrides per line) and the sweep results collector",
@@ -102,19 +152,12 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m urt.sweeps_cli ...` = `urt sweep ...` without importing the other CLI layers."""
-    from urt.errors import UrtError
+    """`python -m urt.pipeline.cli COMMAND ...` = `urt COMMAND ...` (pipeline, sweep) with only this package's
+    commands registered: slurm scripts read sweep files with it without loading the other layers."""
+    from urt.cli import main as urt_main
 
-    parser = argparse.ArgumentParser(prog="urt")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except UrtError as err:
-        print(f"urt: error: {err}", file=sys.stderr)
-        return 2
+    return urt_main(argv, layers=["urt.pipeline.cli"])  # by name: under `python -m` this file is __main__
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -14,25 +14,28 @@ A pipeline experiment (conf/experiment/**/pipeline.yaml, the ablations, the demo
       eval: {shards: ..., benchmarks: [{benchmark: vl_rewardbench, file: ..., root: ...}],
              after: [rejection_sampling, grpo], modes: [cot], order: both}
 
-Step kinds: `train` (urt train: SFT or GRPO by the step's `stage`), `sample` (urt sample: rejection
-sampling), `distill` (urt distill with the rule or an OpenAI-compatible teacher), `demo_data` (the
-embedded easy-vqa data, urt.demo.data), `demo_vision` (the demo's vision pretraining, urt.demo.vision: the
-step's model with attribute heads on its visuals; like a train step it leaves dir/<step>/hf/final). Each
-step composes the root config with, in order: its stage experiment (`experiment: NAME` -> `experiment=NAME`),
+Step kinds (urt/pipeline/steps.py): `train` (what `urt train` runs: SFT or GRPO by the step's `stage`),
+`sample` (`urt sample`: rejection sampling), `distill` (`urt distill`: the step's `options` are settings of
+conf/distill/<options.teacher>.yaml), and kinds other packages register in a module the pipeline lists in
+`imports` (the demo's data and vision steps: `pipeline.imports: [urt.demo.steps]`). Each step
+composes the root config with, in order: its stage experiment (`experiment: NAME` -> `experiment=NAME`),
 the pipeline's `overrides` (pipeline-wide defaults, e.g. the model size of a family's stage experiments; the
 command line beats them), the pipeline's own overrides from the command line (those not about
-`experiment`/`pipeline`), the step's `overrides`, and the wiring: `stage.run_dir`/`sample.out_dir` =
-dir/<step>, `model.name_or_path` = the `init` step's final HF folder, `data.train_shards` (a sample step:
-`sample.shards`) = dir/<data>. A step that finished writes dir/<step>/DONE and is skipped on re-run; an
-interrupted train step resumes from its last.ckpt. `enabled: false` drops a step (ablations). A step whose
-`init` step is disabled starts from that step's own starting point, recursively, and at the end of that chain
-from the pipeline's base model (the pipeline config's `model.name_or_path`: the experiment's model, or
-`model=…` from the command line); a step without `init` starts from its own config's model.
+`experiment`/`pipeline`), its kind's overrides for its `options`, the step's `overrides`, and the wiring:
+the kind's output key (train `stage.run_dir`, sample `sample.out_dir`, distill `distill.out_dir`) =
+dir/<step>, `model.name_or_path` = the `init` step's final HF folder, the kind's data key (train
+`data.train_shards`, sample `sample.shards`, distill `distill.shards`) = dir/<data>; then it runs its kind's
+function on that config, the function the kind's command runs too. A step that finished writes
+dir/<step>/DONE and is skipped on re-run; an interrupted train step resumes from its last.ckpt.
+`enabled: false` drops a step (ablations). A step whose `init` step is disabled starts from that step's own
+starting point, recursively, and at the end of that chain from the pipeline's base model (the pipeline
+config's `model.name_or_path`: the experiment's model, or `model=…` from the command line); a step without
+`init` starts from its own config's model.
 `extra_overrides` (empty in the shipped configs) are appended after `overrides`: sweeps set them
 (`"pipeline.steps.grpo.extra_overrides=['stage.loss.beta=0.0']"`) without repeating the step's own overrides.
 
 Under several processes (srun / torchrun: RANK or SLURM_PROCID set) every rank runs the train steps
-together (Lightning DDP/FSDP); sample, distill, data and eval steps run on rank 0 while the other ranks
+together (Lightning DDP/FSDP); the steps of other kinds and evaluations run on rank 0 while the other ranks
 wait for its DONE marker.
 
 After each step listed in `eval.after` the step's model is evaluated (urt.eval.run_eval) on
@@ -54,11 +57,10 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from urt.errors import UrtError
+from urt.pipeline.steps import StepRun, import_step_modules, step_kind
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train", "sample", "distill", "demo_data", "demo_vision")
-MODEL_KINDS = ("train", "demo_vision")  # steps that leave a model (dir/<step>/hf/final) for a later `init`
 DONE = "DONE"
 RESULTS = "results.json"
 
@@ -111,13 +113,18 @@ class Pipeline:
         self.dir = Path(str(self.p.dir)).expanduser().resolve()
         self.say = console_log or log.info
         steps = self.p.get("steps") or {}
+        # other packages' kinds register on import: before any step's kind is looked up
+        import_step_modules(_listify(self.p.get("imports")))
         self.steps: dict[str, DictConfig] = {}
         for name, st in steps.items():
             if st is None:
                 continue
-            kind = st.get("kind")
-            if kind not in KINDS:
-                raise UrtError(f"pipeline step {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
+            if not st.get("kind"):
+                raise UrtError(f"pipeline step {name!r} has no kind (kind: train, sample, distill, ...)")
+            try:
+                step_kind(str(st.kind))
+            except UrtError as err:
+                raise UrtError(f"pipeline step {name!r}: {err}") from None
             if st.get("enabled", True):
                 self.steps[str(name)] = st
         if not self.steps:
@@ -128,6 +135,13 @@ class Pipeline:
                 if v and str(v).split("/")[0] not in steps:
                     raise UrtError(f"pipeline step {name!r}: {ref}={v!r} names no step "
                                    f"(steps: {', '.join(map(str, steps))})")
+            kind = step_kind(st.kind)
+            if st.get("data") and not kind.data_key:
+                raise UrtError(f"pipeline step {name!r}: kind {kind.name!r} reads no `data` (data={st.data!r}); "
+                               "give its input in its options")
+            if st.get("options") and not kind.takes_options():
+                raise UrtError(f"pipeline step {name!r}: kind {kind.name!r} takes no `options` (got "
+                               f"{', '.join(map(str, st.options))}); set its config in the step's `overrides`")
 
     # ------------------------------------------------------------------------------------ paths
     def step_dir(self, name: str) -> Path:
@@ -137,10 +151,11 @@ class Pipeline:
         return (self.step_dir(name) / DONE).exists()
 
     def model_of(self, name: str | None) -> str | None:
-        """The final HF folder a step leaves (train steps); None for no step / a disabled step."""
+        """The final HF folder a step leaves (kinds registered leaves_model: train, ...); None for no step / a
+        disabled step."""
         if not name or name not in self.steps:
             return None
-        if self.steps[name].kind not in MODEL_KINDS:
+        if not step_kind(self.steps[name].kind).leaves_model:
             raise UrtError(f"pipeline step {name!r} ({self.steps[name].kind}) has no model to start from")
         return str(self.step_dir(name) / "hf" / "final")
 
@@ -177,22 +192,28 @@ class Pipeline:
         from urt.config import compose_config
 
         st = self.steps[name]
+        kind = step_kind(st.kind)
+        try:
+            options = kind.option_overrides(self._options(st))
+        except UrtError as err:
+            raise UrtError(f"pipeline step {name!r}: {err}") from None
         exp = st.get("experiment")
         ov = [*([f"experiment={exp}"] if exp else []), *_listify(self.p.get("overrides")), *self.inherited,
-              *_listify(st.get("overrides")), *_listify(st.get("extra_overrides"))]
-        out = self.step_dir(name)
-        kind = st.kind
-        if kind == "train":
-            ov.append(f"stage.run_dir={out}")
-        elif kind == "sample":
-            ov.append(f"sample.out_dir={out}")
+              *options, *_listify(st.get("overrides")), *_listify(st.get("extra_overrides"))]
+        if kind.dir_key:
+            ov.append(f"{kind.dir_key}={self.step_dir(name)}")
         init = self._init_of(st)
         if init:
             ov.append(f"model.name_or_path={init}")
         data = self._data_of(st)
         if data:
-            ov.append(f"{'sample.shards' if kind == 'sample' else 'data.train_shards'}={data}")
+            ov.append(f"{kind.data_key}={data}")
         return compose_config([*ov, *(extra or [])])
+
+    @staticmethod
+    def _options(st: DictConfig) -> dict:
+        options = st.get("options")
+        return OmegaConf.to_container(options, resolve=True) if options else {}
 
     # ------------------------------------------------------------------------------------ running
     def run(self, only: list[str] | None = None) -> dict:
@@ -218,7 +239,7 @@ class Pipeline:
             t0 = time.perf_counter()
             if self.done(name):
                 self.say(f"[{name}] finished earlier: skipped ({self.step_dir(name)})")
-            elif st.kind != "train" and _rank() != 0:
+            elif not step_kind(st.kind).all_ranks and _rank() != 0:
                 self._wait_for(name)
             else:
                 self.say(f"[{name}] {st.kind} -> {self.step_dir(name)}")
@@ -251,78 +272,29 @@ class Pipeline:
             time.sleep(poll)
 
     def _run_step(self, name: str, st: DictConfig) -> None:
+        kind = step_kind(st.kind)
         cfg = self.compose(name)
         out = self.step_dir(name)
         out.mkdir(parents=True, exist_ok=True)
-        if st.kind == "train":
-            from urt.train import train
-
-            data = self._data_of(st)
-            if data and _shard_total(data) == 0:
-                # e.g. rejection sampling kept no correct trace: this stage has nothing to learn from, and
-                # its result is the model it starts from (said loudly, recorded in DONE)
-                init = self._init_of(st) or str(cfg.model.name_or_path)
-                self.say(f"[{name}] [bold yellow]{data} holds no samples: nothing to train; the stage's model is "
-                         f"its starting point {init}[/]")
-                src = Path(init)
-                if not src.is_dir():
-                    raise UrtError(f"pipeline step {name!r}: no training data in {data} and the starting model "
-                                   f"{init} is not a local folder to carry over")
-                shutil.copytree(src, out / "hf" / "final", dirs_exist_ok=True)
-                (out / "EMPTY_DATA").write_text(f"{data} held no samples; hf/final is a copy of {init}\n")
-                return
-            train(cfg)
-        elif st.kind == "sample":
-            from urt.models import load_model
-            from urt.stages.rejection import rejection_sample
-
-            s = OmegaConf.to_container(cfg.sample, resolve=True)
-            bundle = load_model(**OmegaConf.to_container(cfg.model, resolve=True))
-            s.pop("out_dir")
-            rejection_sample(bundle, s.pop("shards"), out, progress=bool(s.pop("progress", True)), **s)
-        elif st.kind == "distill":
-            self._distill(st, out)
-        elif st.kind == "demo_vision":
-            from urt.demo.vision import pretrain_vision
-            from urt.models import load_model
-
-            opts = OmegaConf.to_container(st.get("options") or {}, resolve=True)
-            shards = opts.pop("shards", None)
-            if not shards:
-                raise UrtError(f"pipeline step {name!r}: a demo_vision step needs options.shards (the train pairs)")
-            bundle = load_model(**OmegaConf.to_container(cfg.model, resolve=True))
-            report = pretrain_vision(bundle, shards, out, **opts)
-            self.say(f"[{name}] held-out accuracy {report['heldout_before']} -> {report['heldout_after']} "
-                     f"({report['seconds']:.0f} s)")
-        elif st.kind == "demo_data":
-            from urt.demo.data import build_demo_data
-
-            opts = OmegaConf.to_container(st.get("options") or {}, resolve=True)
-            summary = build_demo_data(out, **opts)
-            for split, s in summary["splits"].items():
-                self.say(f"[{name}] {split}: {s['pairs']} pairs {s['tasks']}")
-
-    def _distill(self, st: DictConfig, out: Path) -> None:
-        from urt.data.shards import SkipStats, read_shards
-        from urt.stages.distill import OpenAITeacher, RuleTeacher, distill, print_report
-
-        opts = OmegaConf.to_container(st.get("options") or {}, resolve=True)
-        src = opts.pop("shards", None)
-        if not src:
-            raise UrtError("a distill step needs options.shards (the pairs to judge)")
-        teacher_name = opts.pop("teacher", "rule")
-        if teacher_name == "rule":
-            teacher = RuleTeacher(seed=int(opts.pop("seed", 0)), dimensions=opts.pop("dimensions", None),
-                                  style=opts.pop("style", "full"))
-        elif teacher_name == "openai":
-            teacher = OpenAITeacher(**opts.pop("openai", {}))
+        data = self._data_of(st)
+        if kind.leaves_model and data and _shard_total(data) == 0:
+            # e.g. rejection sampling kept no correct trace: this stage has nothing to learn from, and its
+            # result is the model it starts from (said loudly, recorded in EMPTY_DATA)
+            init = self._init_of(st) or str(cfg.model.name_or_path)
+            self.say(f"[{name}] [bold yellow]{data} holds no samples: nothing to train; the stage's model is "
+                     f"its starting point {init}[/]")
+            src = Path(init)
+            if not src.is_dir():
+                raise UrtError(f"pipeline step {name!r}: no training data in {data} and the starting model "
+                               f"{init} is not a local folder to carry over")
+            shutil.copytree(src, out / "hf" / "final", dirs_exist_ok=True)
+            (out / "EMPTY_DATA").write_text(f"{data} held no samples; hf/final is a copy of {init}\n")
+            return
+        run = kind.function()
+        if kind.with_step:
+            run(cfg, StepRun(name, out, self._options(st), self.say))
         else:
-            raise UrtError(f"distill teacher must be rule or openai, got {teacher_name!r}")
-        stats = SkipStats()
-        samples = read_shards(str(src), on_error="skip", stats=stats, frames=int(opts.pop("frames", 8)))
-        report = distill(samples, teacher, out, tasks=opts.pop("tasks", None), limit=opts.pop("limit", None),
-                         progress=bool(opts.pop("progress", True)), **opts)
-        print_report(report)
+            run(cfg)  # what the kind's command runs on its composed config (`urt train` / `urt sample` / ...)
 
     # ------------------------------------------------------------------------------------ evaluation
     def _eval_dir(self, name: str, mode: str, what: str) -> Path:
@@ -366,6 +338,8 @@ class Pipeline:
         targets = self._eval_targets()
         if not targets:
             raise UrtError("pipeline eval needs eval.shards or eval.benchmarks")
+        from urt.models.preprocessing import exported_frames
+
         model = self.model_of(name)
         family = str(self.cfg.model.family)
         if bundle is None:
@@ -382,7 +356,8 @@ class Pipeline:
                                order=str(ev.get("order", "both")), seed=int(ev.get("seed", 0)),
                                max_new_tokens=int(ev.get("max_new_tokens", 1024)),
                                batch_size=int(ev.get("batch_size", 8)), limit=ev.get("limit"),
-                               frames=int(ev.get("frames", 8)), progress=bool(ev.get("progress", True)), **kw)
+                               frames=int(ev["frames"]) if ev.get("frames") else exported_frames(model),
+                               progress=bool(ev.get("progress", True)), **kw)
                 out.setdefault(mode, {})[what] = stage_summary(res)
         first_mode = next(iter(out))
         first = out[first_mode][next(iter(out[first_mode]))]

@@ -1,4 +1,4 @@
-"""`urt judge`: judge one pair from the command line.
+"""`urt judge`: judge one pair from the command line (urt.judge.Judge).
 
     urt judge --model CodeGoat24/UnifiedReward-Think-qwen-7b --images a.png b.png --caption "a red apple"
     urt judge --model ckpt/ --videos a.mp4 b.mp4 --caption "a dog surfing"
@@ -75,7 +75,7 @@ def _print(verdict, args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from urt.generation import GenerationConfig
-    from urt.judge import Judge
+    from urt.judge.core import Judge
 
     kind = _check(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -120,7 +120,8 @@ def register(subparsers) -> None:
     p.add_argument("--answer2", help="candidate answer 2")
     p.add_argument("--image", help="the image the question is about")
     p.add_argument("--video", help="the video the question is about")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (default 8)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames sampled uniformly per video (default: as the model was trained, else 8)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

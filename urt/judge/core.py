@@ -1,4 +1,4 @@
-"""`Judge`: a UnifiedReward-Think model as a pairwise judge you can call from Python.
+"""`Judge`: a UnifiedReward-Think model as a pairwise judge you can call from Python (re-exported by urt.judge).
 
     from urt import Judge
     judge = Judge("CodeGoat24/UnifiedReward-Think-qwen-7b")        # or a local folder, or "tiny"
@@ -113,14 +113,20 @@ class Judge:
     `load_opts` go to `urt.models.load_model` (device, dtype, attn_implementation, ...). mode "cot"
     uses the family's template set (or `template_set`) and `parse_output`; "implicit" the "w/o CoT"
     prompts and `parse_implicit` (ties possible for generation tasks). `generation` defaults to greedy
-    decoding with 1024 new tokens; `frames` frames are sampled uniformly from each video file."""
+    decoding with 1024 new tokens; `frames` frames are sampled uniformly from each video file (None: as
+    many as the model was trained with, from its folder's urt.json, else 8). Images are sized by the
+    model's processor, whose pixel bounds a urt-trained folder carries from training."""
 
     def __init__(self, model: Any = "tiny", family: str | None = None, *, template_set: str | None = None,
-                 mode: str = "cot", generation: GenerationConfig | None = None, frames: int = 8, **load_opts):
+                 mode: str = "cot", generation: GenerationConfig | None = None, frames: int | None = None,
+                 **load_opts):
         from urt.data.encode import SampleEncoder
         from urt.models import ModelBundle, load_model
+        from urt.models.preprocessing import exported_frames
         from urt.prompts import default_template_set
 
+        if frames is None:
+            frames = exported_frames(model if isinstance(model, (str, Path)) else None)
         if mode not in MODES:
             raise UrtError(f"unknown judge mode {mode!r}; known modes: {', '.join(MODES)}")
         if isinstance(frames, bool) or int(frames) < 1:
