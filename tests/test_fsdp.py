@@ -179,7 +179,8 @@ GRPO_CASES = {  # model, media, prompts, plan (completions per prompt key), over
     "video_rank_without_sequences": ("tiny_qwen3_vl", "video", 4,
                                      {"p-0": "flat", "p-1": "distinct", "p-2": "flat", "p-3": "distinct"},
                                      ["stage.micro_batch_size=2", "stage.num_mini_batches=2",
-                                      "stage.loss.aggregation=token", "stage.loss.beta=0.04", "stage.collate=padded"]),
+                                      "stage.loss.aggregation=token", "stage.loss.beta=0.04", "stage.collate=padded",
+                                      "stage.rollout_weights=copy"]),
 }
 
 
@@ -264,13 +265,20 @@ def _generate_worker(rank: int, out: str) -> None:
     from data_fixtures import four_task_samples
     from urt.data.encode import SampleEncoder
     from urt.generation import GenerationConfig, generate
-    from urt.models.fsdp import is_sharded, shard_model
+    import dataclasses
+    import time
+
+    from urt.models.fsdp import generation_copy, is_sharded, refresh_generation_copy, shard_model
     from urt.models import load_model
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)  # the same weights on both ranks, as a seeded trainer loads them
     bundle = load_model("tiny", family="qwen2_5_vl")  # vision tower frozen (replicated), as the paper trains
     full = copy.deepcopy(bundle)
+    gen_copy = generation_copy(bundle.model, None)  # rollout_weights=copy: made before sharding
+    with torch.no_grad():
+        for p in gen_copy.parameters():
+            p.zero_()  # stale weights: the refresh must bring the policy's
     shard_model(bundle.model, "qwen2_5_vl", init_device_mesh("cpu", (2,)), param_dtype=None, reduce_dtype=None)
     assert is_sharded(bundle.model) and not is_sharded(full.model)
     enc = SampleEncoder(bundle.processor, "qwen2_5_vl", mode="prompt")
@@ -279,20 +287,30 @@ def _generate_worker(rank: int, out: str) -> None:
     mine = ps[:3] if rank == 0 else ps[3:]
     cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, num_return_sequences=2, batch_size=2, seed=7 + rank,
                            lockstep=True)
+    t0 = time.perf_counter()
     sharded = generate(bundle, mine, cfg, pad_prompt=ps[0])
-    reference = generate(full, mine, GenerationConfig(**{**cfg.__dict__, "lockstep": False}))
-    torch.save({"sharded": [[list(c.ids) for c in g] for g in sharded],
-                "full": [[list(c.ids) for c in g] for g in reference]}, Path(out) / f"gen-rank{rank}.pt")
+    t1 = time.perf_counter()
+    refresh_generation_copy(gen_copy, bundle.model)
+    copied = generate(dataclasses.replace(bundle, model=gen_copy), mine, dataclasses.replace(cfg, lockstep=False))
+    t2 = time.perf_counter()
+    reference = generate(full, mine, dataclasses.replace(cfg, lockstep=False))
+    ids = lambda gs: [[list(c.ids) for c in g] for g in gs]  # noqa: E731
+    torch.save({"sharded": ids(sharded), "copy": ids(copied), "full": ids(reference), "seconds": (t1 - t0, t2 - t1),
+                "copy_bytes": sum(p.numel() * p.element_size() for p in gen_copy.parameters())},
+               Path(out) / f"gen-rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_generation_from_the_sharded_policy_equals_the_full_model(tmp_path):
     """Rollouts from the sharded policy (each layer gathered for its forward, the ranks' generate calls and
-    decode steps in lockstep although rank 1 has one prompt and rank 0 three) sample exactly what the full
-    model samples with the same seed."""
+    decode steps in lockstep although rank 1 has one prompt and rank 0 three), and from a generation copy
+    refreshed from the shards (stage.rollout_weights=copy), sample exactly what the full model samples with
+    the same seed."""
     run_two_processes(_generate_worker, str(tmp_path))
     for r in (0, 1):
         got = torch.load(tmp_path / f"gen-rank{r}.pt")
         assert len(got["sharded"]) == (3 if r == 0 else 1)
-        assert got["sharded"] == got["full"]
+        assert got["sharded"] == got["full"] == got["copy"]
         assert any(g[0] != g[1] for g in got["sharded"])  # really sampled
+        print(f"rank {r}: gather {got['seconds'][0]:.2f} s, refresh + copy {got['seconds'][1]:.2f} s, "
+              f"copy {got['copy_bytes'] / 2**20:.1f} MiB")

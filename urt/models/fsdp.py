@@ -144,3 +144,26 @@ class plain_class:
     def __exit__(self, *exc):
         self.model.__class__ = self.cls
         return False
+
+
+def generation_copy(model: torch.nn.Module, dtype: str | None = "bf16") -> torch.nn.Module:
+    """A frozen, unsharded copy of `model` (before it is sharded) in `dtype` for generating rollouts without
+    collectives: 2 bytes per parameter on every rank (bf16), refreshed from the shards by
+    `refresh_generation_copy` (the alternative to gathering one layer at a time during generation)."""
+    import copy
+
+    out = copy.deepcopy(model).eval().requires_grad_(False)
+    pdt = dtype_of(dtype)
+    if pdt is not None:
+        for p in out.parameters():
+            p.data = p.data.to(pdt)
+    return out
+
+
+@torch.no_grad()
+def refresh_generation_copy(copy: torch.nn.Module, sharded: torch.nn.Module) -> None:
+    """Overwrite `copy`'s weights with the sharded model's current ones, one parameter gathered at a time (a
+    collective: every rank calls it; no rank holds more than one full fp32 parameter at once)."""
+    mine = dict(sharded.named_parameters())
+    for name, p in copy.named_parameters():
+        p.copy_(full_tensor(mine[name].detach()).to(p.device, p.dtype))

@@ -110,7 +110,8 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
         new = int(st.get("max_new_tokens", 2048))
         return Setting("grpo", strategy, world, master, compute, ckpt, int(st.get("micro_batch_size", 8)),
                        prompt + new, new, reference=uses_ref, generations=int(st.get("num_generations", 8)),
-                       gen_batch=int(st.get("generation_batch_size", 8)), gen_len=prompt + new)
+                       gen_batch=int(st.get("generation_batch_size", 8)), gen_len=prompt + new,
+                       gen_copy=strategy == "fsdp" and str(st.get("rollout_weights", "gather")) == "copy")
     from urt.plan.memory import SFT_PREDICTED
 
     return Setting(stage, strategy, world, master, compute, ckpt, int(cfg.data.get("batch_size", 1)), max_length,

@@ -7,8 +7,9 @@ The formula (docs/scaling.md writes it out with the numbers of each released siz
     optimizer    AdamW: 2 x trained parameters (their shards) x m + 4 bytes per trained tensor (step count)
     reference    GRPO with a KL term: DDP a deep copy (every parameter x m); FSDP2 shards x c
     transient    FSDP2: the root unit (embeddings, head) + 2 decoder layers gathered in c, and one layer's
-                 unsharded gradients (c) and their fp32 reduce-scatter buffer; DDP generation under autocast:
-                 its cache of c copies of every weight
+                 unsharded gradients (c) and their fp32 reduce-scatter buffer (GRPO rollout_weights=copy: every
+                 parameter x c instead, all step long); DDP generation under autocast: its cache of c copies
+                 of every weight
     activations  T = micro-batch x sequence tokens; per decoder layer and token c x (4h + 2 q + 2 kv + 4 i)
                  elements; checkpointed: L x T x h x c (each layer's input) + one layer's; plus the logits of
                  the predicted positions, micro-batch x predicted x vocab x (c + 4 + 4) (fp32 log-softmax and
@@ -54,6 +55,7 @@ class Setting:
     generations: int = 0  # G (GRPO)
     gen_batch: int = 0  # prompts per generate call
     gen_len: int = 0  # prompt + max_new_tokens
+    gen_copy: bool = False  # FSDP2 GRPO with stage.rollout_weights=copy: an unsharded c copy per rank
     reserve: int = RESERVE
 
     def describe(self) -> str:
@@ -119,7 +121,11 @@ def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80
     layer, root = sizes.unit_numel("decoder."), sizes.unit_numel("root")
     if fsdp:
         gathered = (root + 2 * layer) * c
-        transient_train, transient_gen = gathered + layer * (c + 4), gathered
+        transient_train = gathered + layer * (c + 4)
+        # the generation copy lives through the whole step (refreshed, not rebuilt)
+        transient_gen = sizes.count() * c if s.gen_copy else gathered
+        if s.gen_copy:
+            transient_train += sizes.count() * c
     else:
         transient_train, transient_gen = 0, (sizes.count() * c if c < m else 0)  # autocast's weight cache
     kv_cache = 0

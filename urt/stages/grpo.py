@@ -105,7 +105,7 @@ class GRPOModule(StageModule):
                  num_iterations: int = 1, num_mini_batches: int = 1, micro_batch_size: int = 8,
                  max_grad_norm: float | None = 1.0, filter_zero_variance: bool = False, collate: str = "auto",
                  visual_cache: bool = True, total_steps: int | None = None, rewards: RewardSet | None = None,
-                 seed: int = 0):
+                 seed: int = 0, rollout_weights: str = "gather"):
         super().__init__(bundle, optimizer, scheduler, total_steps=total_steps)
         self.automatic_optimization = False
         self.loss_fn = loss if loss is not None else PolicyLoss()
@@ -121,6 +121,13 @@ class GRPOModule(StageModule):
         self.rewards = rewards if rewards is not None else build_rewards()
         self.seed = int(seed)
         self.visual_cache = bool(visual_cache)  # encode visuals once per step (frozen vision tower only)
+        # sharded policy only: "gather" generates from the shards (one layer's bf16 weights gathered at a time,
+        # the ranks in lockstep); "copy" keeps an unsharded bf16 copy per rank, refreshed from the shards before
+        # each rollout step (2 bytes per parameter per rank; no collective while decoding)
+        if rollout_weights not in ("gather", "copy"):
+            raise UrtError(f"stage.rollout_weights must be gather or copy, got {rollout_weights!r}")
+        self.rollout_weights = rollout_weights
+        self.__dict__["generation_model"] = None
         self.skipped_ties = 0  # tie prompts left out (CoT prompts have no tie answer)
         if self.G < 2:
             raise UrtError(f"num_generations must be >= 2 (a group of 1 has no advantage), got {self.G}")
@@ -227,10 +234,18 @@ class GRPOModule(StageModule):
         from urt.generation import GenerationConfig, generate
 
         G = self.G
+        bundle, lockstep = self.bundle, self.lockstep
+        if lockstep and self.generation_model is not None:  # rollout_weights=copy: refreshed, then no collective
+            import dataclasses
+
+            from urt.models.fsdp import refresh_generation_copy
+
+            refresh_generation_copy(self.generation_model, self.model)
+            bundle, lockstep = dataclasses.replace(self.bundle, model=self.generation_model), False
         gen = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                num_return_sequences=G, batch_size=self.generation_batch_size,
-                               seed=generation_seed(self.seed, step, self.global_rank), lockstep=self.lockstep)
-        groups = list(generate(self.bundle, prompts, gen, **({"pad_prompt": pad} if self.lockstep else {})))
+                               seed=generation_seed(self.seed, step, self.global_rank), lockstep=lockstep)
+        groups = list(generate(bundle, prompts, gen, **({"pad_prompt": pad} if lockstep else {})))
         if len(groups) != len(prompts):
             raise UrtError(f"GRPO step {step}: generate returned {len(groups)} groups for {len(prompts)} prompts")
         texts, ids, truncated = [], [], []
@@ -471,6 +486,17 @@ class GRPOModule(StageModule):
 
     def sharded_models(self) -> list:
         return [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+
+    def configure_model(self) -> None:
+        from urt.stages.sharded import is_sharded_strategy
+
+        if is_sharded_strategy(self._trainer) and self.rollout_weights == "copy" and self.generation_model is None:
+            from urt.models.fsdp import generation_copy
+
+            strategy = self._trainer.strategy  # the copy is made before the policy is sharded
+            copy = generation_copy(self.model, strategy.param_dtype)
+            self.__dict__["generation_model"] = copy.to(strategy.root_device)
+        super().configure_model()
 
     def setup(self, stage: str) -> None:
         """GRPO runs on one device, with DDP or sharded (urt.stages.sharded); FSDP1 is refused before
