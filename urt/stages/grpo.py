@@ -344,13 +344,14 @@ class GRPOModule(StageModule):
                                               device=self.device))
         n_seq, n_tok = (float(c) for c in counts.cpu())
         total, bad = 0.0, None
+        elsewhere = False  # sharded: another rank's micro-batch loss is non-finite (every rank stops there)
         with dist.no_grad_sync(self._trainer):
             for mb in self._micro_batches(idx):
                 if not mb:  # padding pass (sharded): a zero loss whose backward reduce-scatters with the others
                     logp, _ = sequence_logprobs(self.model, self.collate, [self._pad_seq],
                                                 visual_cache=visual_cache, lockstep=True)
                     if dist.any_rank(False, self.device):  # a non-finite loss elsewhere: no backward anywhere
-                        self._bad_elsewhere = True
+                        elsewhere = True
                         break
                     self.manual_backward(torch.cat(logp).sum() * 0.0)
                     continue
@@ -366,8 +367,7 @@ class GRPOModule(StageModule):
                     max_completion_length=self.max_new_tokens)
                 finite = bool(torch.isfinite(loss.detach()).all())  # checked before its backward
                 if self.lockstep and dist.any_rank(not finite, self.device):
-                    bad = (float(loss.detach()), mb) if not finite else None
-                    self._bad_elsewhere = finite
+                    bad, elsewhere = ((float(loss.detach()), mb) if not finite else None), finite
                     break
                 if not finite:
                     bad = (float(loss.detach()), mb)
@@ -384,10 +384,7 @@ class GRPOModule(StageModule):
                         stats["kl"].append(m["kl"].float().cpu())
                     stats["entropy"].append(torch.cat([e for e in ent]).mean().cpu())
         # sharded: the gradients were reduce-scattered at each backward, only the loss and the flag move
-        self._bad_elsewhere = getattr(self, "_bad_elsewhere", False)
-        total, any_bad = dist.sync_gradients(self, total, bad is not None or self._bad_elsewhere,
-                                             reduce=not self.lockstep)
-        self._bad_elsewhere = False
+        total, any_bad = dist.sync_gradients(self, total, bad is not None or elsewhere, reduce=not self.lockstep)
         if any_bad:  # every rank stops here, before any optimizer step applies the bad micro-batch
             step = getattr(self, "_step_in_progress", self.rollout_step + 1)
             if bad is None:
