@@ -9,6 +9,7 @@ process computes on the same global batch, and its checkpoints resume exactly.
   video (qwen3_vl) with a rank that keeps no sequence (so the ranks' forward counts differ and the padding
   passes keep them in lockstep): gradients, losses, updated weights equal one process's; resume repeats the
   uninterrupted run's losses and rewards.
+- Negative control: a non-finite loss on one rank stops both at that micro-batch (no hang, no step).
 - Generation from the sharded policy (one layer gathered at a time, ranks with different prompt counts in
   lockstep) samples what the full model samples with the same seed.
 
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from test_ddp import GradDump, _sft_cfg, _sft_shards, run_two_processes
+from urt.errors import UrtError
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -314,3 +316,35 @@ def test_generation_from_the_sharded_policy_equals_the_full_model(tmp_path):
         assert any(g[0] != g[1] for g in got["sharded"])  # really sampled
         print(f"rank {r}: gather {got['seconds'][0]:.2f} s, refresh + copy {got['seconds'][1]:.2f} s, "
               f"copy {got['copy_bytes'] / 2**20:.1f} MiB")
+
+
+# ------------------------------------------------------------------------------------------ negative control
+def _nonfinite_worker(rank: int, root: str, shards: str, out: str) -> None:
+    import urt.generation
+    from test_ddp import _canned_generate
+    from urt.rl.objective import PolicyLoss
+    from urt.train import train
+
+    urt.generation.generate = _canned_generate({f"p-{j}": "distinct" for j in range(4)})
+    if rank == 1:  # only rank 1's loss is non-finite: rank 0 must stop at the same micro-batch, not hang
+        real = PolicyLoss.__call__
+        PolicyLoss.__call__ = lambda self, *a, **k: (lambda l, m: (l * float("inf"), m))(*real(self, *a, **k))
+    cfg = _grpo_cfg(Path(root), shards, "nan", "tiny_qwen2_5_vl", "trainer=fsdp_cpu", "data.batch_size=2",
+                    "trainer.max_steps=1", "stage.micro_batch_size=2")
+    try:
+        train(cfg)
+        msg = "no error"
+    except UrtError as e:
+        msg = str(e)
+    Path(out, f"nan-rank{rank}.txt").write_text(msg)
+
+
+def test_fsdp_grpo_nonfinite_loss_on_one_rank_stops_both(tmp_path):
+    """A non-finite micro-batch loss on rank 1 only: both ranks stop before any backward of that
+    micro-batch and any optimizer step, with the failed-step checkpoint saved (a collective), no hang."""
+    shards = _grpo_shards(tmp_path / "shards", 4, "image")
+    run_two_processes(_nonfinite_worker, str(tmp_path), shards, str(tmp_path))
+    msgs = [(tmp_path / f"nan-rank{r}.txt").read_text() for r in (0, 1)]
+    assert "loss is non-finite on a micro-batch of another rank" in msgs[0]
+    assert "loss is non-finite (-inf) on the micro-batch of samples" in msgs[1] and "p-1#" in msgs[1]
+    assert (tmp_path / "runs" / "nan" / "checkpoints" / "failed-step-000001.ckpt").is_dir()
