@@ -360,10 +360,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
-             desc: str = "generating") -> list[list[Completion]]:
+             desc: str = "generating", visual_cache=None) -> list[list[Completion]]:
     """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
     `cfg.num_return_sequences` `Completion`s per prompt (text starting with the prompt's assistant prefix,
-    with the sampled ids)."""
+    with the sampled ids). `visual_cache` (a `urt.rl.visual_cache.VisualCache` of this model): the prefill
+    takes the prompts' cached visual features (`mm_encoder_outputs`, which transformers' generate hands to
+    the first forward) instead of running the vision tower; prompts it has not seen are encoded into it."""
     from transformers import LogitsProcessorList
 
     from urt.data.collate import make_collator, model_inputs
@@ -437,14 +439,18 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 rows = [prompts[i] for i in idx for _ in range(1 if shared else copies)]
                 batch = collate(rows)
                 inputs = to_device(model_inputs(batch), device, dtype)
+                if visual_cache is not None:
+                    inputs = visual_cache.inputs_for(model, rows, inputs)
                 width = int(inputs["input_ids"].shape[1])
                 try:
                     out = (_generate_shared_prefill(model, inputs, copies, gen_kwargs, cfg.preallocate)
                            if shared else None)
                     if out is None:
                         if shared:  # this model's cache cannot be repeated: repeat the prompts instead
-                            inputs = to_device(model_inputs(collate([p for p in rows for _ in range(copies)])),
-                                                device, dtype)
+                            rows = [p for p in rows for _ in range(copies)]
+                            inputs = to_device(model_inputs(collate(rows)), device, dtype)
+                            if visual_cache is not None:
+                                inputs = visual_cache.inputs_for(model, rows, inputs)
                         cache = preallocated_cache(model, width + int(cfg.max_new_tokens)) if cfg.preallocate else None
                         extra = {} if cache is None else {cache_kwarg(): cache}
                         out = model.generate(**inputs, **gen_kwargs, **extra)
