@@ -268,6 +268,15 @@ class Judge:
                   for i, c in enumerate(candidates)]
         return Group(kind, loaded, caption=prompt, key=key)
 
+    def load(self, kind: str, x, what: str):
+        """One candidate loaded for a group of `kind` "images" (a PIL image) or "videos" (a decoded
+        `Video`, `frames` frames); a UrtError starting with `what` when it cannot be read."""
+        if kind == "images":
+            return _image(x, what)
+        if kind == "videos":
+            return _video(x, what, self.frames)
+        raise UrtError(f"{what}: candidates of kind {kind!r} are not files")
+
     def win_rates(self, prompt: str, candidates: Sequence, *, kind: str | None = None, image=None, video=None,
                   both_orders: bool = True, pairs_per_candidate: int | None = None, ties: str = "half",
                   reuse_visuals: bool = True, progress: bool = False) -> GroupResult:
