@@ -77,6 +77,7 @@ def input_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 def read_lines(files: Sequence[Path]) -> Iterator[Line]:
     for path in files:
+        path = path.resolve()  # ids (FILE:LINE) must not depend on how the input was spelled
         with open(path, encoding="utf-8") as f:
             for number, raw in enumerate(f, 1):
                 if not raw.strip():
