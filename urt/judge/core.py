@@ -396,9 +396,9 @@ class Judge:
 
 
 def _visual_counts(family: str, e) -> tuple[int, int]:
-    from urt.rl.visual_cache import _counts
+    from urt.rl.visual_cache import item_counts
 
-    return _counts(family, e.visual) if e.visual else (0, 0)
+    return item_counts(family, e.visual) if e.visual else (0, 0)
 
 
 def _text(x, what: str) -> str:

@@ -144,7 +144,7 @@ def cache_blocker(model, family: str, *, inference: bool = False) -> str | None:
     return None
 
 
-def _counts(family: str, visual: dict) -> tuple[int, int]:
+def item_counts(family: str, visual: dict) -> tuple[int, int]:
     """(images, videos) of one sample's processor outputs."""
     if family in QWEN_FAMILIES:
         n_img = int(visual["image_grid_thw"].shape[0]) if "pixel_values" in visual else 0
@@ -253,7 +253,7 @@ class VisualCache:
     def _encode(self, chunk: list[Encoded]) -> None:
         inner = hf_model(self.model).model
         vis = self._move(concat_visual(chunk))
-        counts = [_counts(self.family, e.visual) for e in chunk]
+        counts = [item_counts(self.family, e.visual) for e in chunk]
         entries = [_Entry(visual=e.visual) for e in chunk]
         if "pixel_values" in vis:
             if self.family in QWEN_FAMILIES:
@@ -318,7 +318,7 @@ class VisualCache:
             return
         self.add([src for src, _ in (*images, *videos)])
         entry = _Entry(visual=target.visual)
-        want = _counts(self.family, target.visual)
+        want = item_counts(self.family, target.visual)
         if (len(images), len(videos)) != want:
             raise UrtError(f"compose {target.key!r}: it has {want[0]} images and {want[1]} videos, but "
                            f"{len(images)} images and {len(videos)} videos were given")
