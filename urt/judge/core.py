@@ -102,6 +102,17 @@ class Group:
         return Sample(key, self.task, 1, [self.candidates[a], self.candidates[b]], caption=self.caption)
 
 
+@dataclass
+class PreparedGroups:
+    """`Judge.encode_groups`' output: the groups, per pair prompt (group, i, j, candidate shown first), the
+    pair samples and their encodings."""
+
+    groups: list
+    shown: list
+    samples: list
+    encoded: list
+
+
 def _is_video(x) -> bool:
     if isinstance(x, (Video, list, tuple)):
         return True
@@ -292,7 +303,14 @@ class Judge:
                      pairs_per_candidate: int | None = None, ties: str = "half", reuse_visuals: bool = True,
                      progress: bool = False) -> list[GroupResult]:
         """`win_rates` for several groups at once: the pairs of all groups go through one batched
-        `generate` call (what `urt rank` and the server's `/v1/rewards` batch concurrent groups with)."""
+        `generate` call (what `urt rank` and the server's `/v1/rewards` batch concurrent groups with).
+        `encode_groups` then `judge_encoded`, for callers that encode and generate under different locks."""
+        prepared = self.encode_groups(groups, both_orders=both_orders, pairs_per_candidate=pairs_per_candidate)
+        return self.judge_encoded(prepared, ties=ties, reuse_visuals=reuse_visuals, progress=progress)
+
+    def encode_groups(self, groups: Sequence[Group], *, both_orders: bool = True,
+                      pairs_per_candidate: int | None = None) -> "PreparedGroups":
+        """The pair prompts of `groups`, encoded (processor and tokenizer; no model call)."""
         groups = list(groups)
         shown: list[tuple[int, int, int, int]] = []  # (group, i, j, first)
         samples: list[Sample] = []
@@ -304,6 +322,12 @@ class Judge:
                     shown.append((gi, i, j, a))
                     samples.append(g.sample(a, b))
         encoded = [self.encoder(s) for s in samples]
+        return PreparedGroups(groups, shown, samples, encoded)
+
+    def judge_encoded(self, prepared: "PreparedGroups", *, ties: str = "half", reuse_visuals: bool = True,
+                      progress: bool = False) -> list[GroupResult]:
+        """Verdicts and win rates of `encode_groups`' pairs (the model runs here)."""
+        groups, shown, samples, encoded = prepared.groups, prepared.shown, prepared.samples, prepared.encoded
         cache, encoded_items = (self._pair_features(groups, shown, encoded) if reuse_visuals
                                 else (None, [None] * len(groups)))
         cfg = dataclasses.replace(self.generation, num_return_sequences=1)

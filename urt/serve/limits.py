@@ -24,6 +24,7 @@ class Limits:
     max_n: int = 8  # completions per request
     max_tokens: int = 4096  # max_tokens a request may ask for
     max_concurrent_per_key: int = 32  # requests in flight per API key (per client address without keys)
+    max_candidates: int = 16  # candidates in one /v1/rewards group (N(N-1) verdicts in both orders)
 
     def __post_init__(self) -> None:
         for f in fields(self):
