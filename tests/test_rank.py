@@ -278,3 +278,20 @@ def test_rank_real_tiny_model_end_to_end(tmp_path, capsys):
     row = json.loads((tmp_path / "out" / "rankings.jsonl").read_text())
     assert len(row["win_rates"]) == 3 and sorted(row["ranking"]) == [0, 1, 2]
     assert sum(row["unparsable"]) + sum(row["decided"]) == 12  # every verdict counted once per candidate
+
+
+def test_benchmark_runs_at_toy_size():
+    """benchmarks/win_rates.py at a toy size: the three modes agree and the tower counts are as claimed (the
+    timings are not checked)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "win_rates.py"
+    spec = importlib.util.spec_from_file_location("win_rates_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--n", "3", "--max-new-tokens", "2", "--image-size", "56", "--repeats", "1",
+                    "--vision-depth", "1", "--vision-width", "64", "--threads", "1"])
+    assert out["same_verdicts"] and out["verdicts"] == 6
+    assert out["per_request"]["tower_images"] == 12 and out["batched_no_reuse"]["tower_images"] == 12
+    assert out["win_rates"]["tower_images"] == 4  # odd N: one candidate's partner is encoded twice
