@@ -295,3 +295,22 @@ def test_benchmark_runs_at_toy_size():
     assert out["same_verdicts"] and out["verdicts"] == 6
     assert out["per_request"]["tower_images"] == 12 and out["batched_no_reuse"]["tower_images"] == 12
     assert out["win_rates"]["tower_images"] == 4  # odd N: one candidate's partner is encoded twice
+
+
+def test_easy_vqa_rank_groups(tmp_path):
+    """urt.demo.rank: groups of easy-vqa test images, one matching the caption at a random position."""
+    pytest.importorskip("easy_vqa")
+    from urt.demo.data import image_attributes
+    from urt.demo.rank import build_rank_groups
+
+    path = build_rank_groups(tmp_path, groups=6, n=6, seed=1)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    attrs, _ = image_attributes("test")
+    assert len(rows) == 6 and len({r["expected"] for r in rows}) > 1  # the match is not always first
+    for r in rows:
+        assert len(r["images"]) == 6 and all((tmp_path / p).is_file() for p in r["images"])
+        ids = r["meta"]["image_ids"]
+        combos = [(attrs[i]["color"], attrs[i]["shape"]) for i in ids]
+        good = combos[r["expected"]]
+        assert r["caption"] == f"a {good[0]} {good[1]}" and len(set(combos)) == 6
+    assert build_rank_groups(tmp_path, groups=6, n=6, seed=1).read_text() == path.read_text()
