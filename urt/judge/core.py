@@ -14,6 +14,12 @@ Position bias is the main failure of pairwise judges (docs/demo.md §Pitfalls, p
 both_orders=True)` also asks with the candidates swapped and maps that verdict back to the caller's
 order (`swapped=True`: winner, scores and totals refer to the caller's candidate 1 and 2, `text` is
 the completion as written, about the order the model saw).
+
+Groups: `win_rates(caption, candidates)` judges the pairs of N candidates (both orders by default) and returns
+per-candidate win rates, counts and diagnostics (`urt.judge.group.GroupResult`; docs/judge-as-reward.md);
+`judge_groups` does several groups in one batched pass. Each candidate's visual features are computed once
+per group and fed to every pair that shows it (`urt.rl.visual_cache.VisualCache.compose`, reaching the
+prefill as `mm_encoder_outputs`): the vision tower sees N images, not 2·N(N−1).
 """
 
 from __future__ import annotations
