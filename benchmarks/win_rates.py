@@ -13,8 +13,7 @@ tiny model (random weights; the family's real transformers classes):
 
 Prints verdicts per second for each, the ratios, and the vision-tower images counted with a forward hook;
 the three must give the same verdicts (greedy; checked). The tiny model's default tower is negligible, so
-`--vision-depth` / `--vision-width` give it some weight (still far lighter than a 7B judge's, whose tower
-on a 448² image costs as much as hundreds of decode steps).
+`--vision-depth` / `--vision-width` give it some weight (still far lighter than a real judge's tower).
 
 Run:  python benchmarks/win_rates.py [--n 8 --image-size 224 --max-new-tokens 32 --batch-size 8
       --vision-depth 4 --vision-width 128 --threads 2]
