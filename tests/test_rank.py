@@ -314,3 +314,26 @@ def test_easy_vqa_rank_groups(tmp_path):
         good = combos[r["expected"]]
         assert r["caption"] == f"a {good[0]} {good[1]}" and len(set(combos)) == 6
     assert build_rank_groups(tmp_path, groups=6, n=6, seed=1).read_text() == path.read_text()
+
+
+def test_sampled_reuse_matches_and_compose_checks_sizes(judge):
+    import dataclasses
+
+    from urt.rl.visual_cache import VisualCache
+
+    imgs = [vqa_image(i) for i in range(3)]
+    sampled = Judge(judge.bundle, generation=dataclasses.replace(judge.generation, temperature=1.0, seed=3))
+    a = sampled.win_rates("a red circle", imgs)
+    b = sampled.win_rates("a red circle", imgs, reuse_visuals=False)
+    assert [p.verdict.text for p in a.pairs] == [p.verdict.text for p in b.pairs]  # same seed, same draws
+
+    small, big = vqa_image(0).resize((28, 28)), vqa_image(1).resize((56, 56))
+    g = judge.group("x", [small, big])
+    src, target = judge.encoder(g.sample(0, 1)), judge.encoder(g.sample(1, 0))
+    cache = VisualCache(judge.bundle.model, judge.family, [src], inference=True)
+    with pytest.raises(UrtError, match="not the same size"):
+        cache.compose(target, images=[(src, 0), (src, 1)])  # the candidates' features in the wrong order
+    with pytest.raises(UrtError, match="1 images"):
+        cache.compose(target, images=[(src, 1)])
+    cache.compose(target, images=[(src, 1), (src, 0)])
+    assert cache.composed == 1 and cache.encoded == 1
