@@ -6,7 +6,8 @@ position, recorded as `expected`. `urt rank` then reports how often the judge ra
 the top counting 1/k) against chance (1/N):
 
     python -m urt.demo.rank runs/rank-evqa --groups 50 --n 6
-    urt rank runs/rank-evqa/groups.jsonl --out runs/rank-evqa/out --model runs/demo/<judge>/hf/final
+    urt rank runs/rank-evqa/groups.jsonl --out runs/rank-evqa/out --model runs/demo/grpo/hf/final \
+        --max-new-tokens 160 --batch-size 50 --groups-per-batch 8
 """
 
 from __future__ import annotations
