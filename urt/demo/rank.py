@@ -1,8 +1,8 @@
 """Ranking groups from easy-vqa's held-out images, for checking `urt rank` with the demo's judge.
 
-Each group is a caption "a {colour} {shape}" and N test images: one that matches it and N-1 that differ in
-colour, shape or both (the demo's image-generation pairs, widened to a group), the matching one at a random
-position, recorded as `expected`. `urt rank` then reports how often the judge ranks it first (a k-way tie at
+Each group is a caption "a {colour} {shape}" and N test images: one that matches it and N-1 of other colour /
+shape combinations, each a different one (the demo's image-generation pairs widened to a group; most differ
+in both colour and shape), all at random positions, the match recorded as `expected`. `urt rank` then reports how often the judge ranks it first (a k-way tie at
 the top counting 1/k) against chance (1/N):
 
     python -m urt.demo.rank runs/rank-evqa --groups 50 --n 6
