@@ -2,8 +2,8 @@
 
 Each group is a caption "a {colour} {shape}" and N test images: one that matches it and N-1 of other colour /
 shape combinations, each a different one (the demo's image-generation pairs widened to a group; most differ
-in both colour and shape), all at random positions, the match recorded as `expected`. `urt rank` then reports how often the judge ranks it first (a k-way tie at
-the top counting 1/k) against chance (1/N):
+in both colour and shape), all at random positions, the match recorded as `expected`. `urt rank` then
+reports how often the judge ranks it first (a k-way tie at the top counting 1/k) against chance (1/N):
 
     python -m urt.demo.rank runs/rank-evqa --groups 50 --n 6
     urt rank runs/rank-evqa/groups.jsonl --out runs/rank-evqa/out --model runs/demo/grpo/hf/final \
