@@ -80,6 +80,8 @@ def group(k: int, n: int = 3) -> dict:
 
 
 def test_32_concurrent_groups_then_bad_groups_then_alive(server):
+    # socketserver's default listen backlog (5) reset ~4% of the connections of a 96-client burst
+    assert server._httpd.request_queue_size >= 32
     bodies = [group(k) for k in range(32)]
     with ThreadPoolExecutor(max_workers=32) as pool:
         answers = list(pool.map(lambda b: post(server.url, b), bodies))

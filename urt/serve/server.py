@@ -159,7 +159,7 @@ class JudgeServer:
             log.warning("urt serve: %s", problem)
         handler = type("_BoundHandler", (_Handler,), {"judge": self})
         try:
-            self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
+            self._httpd = _HTTPServer((self.host, self.port), handler)
         except OSError as err:
             raise UrtError(f"cannot listen on {self.host}:{self.port}: {err}") from None
         self._httpd.daemon_threads = True
@@ -291,6 +291,12 @@ class JudgeServer:
 
 
 # ---------------------------------------------------------------------------------------- HTTP
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # socketserver's listen backlog of 5 resets connections when a burst of clients connects at once (a trainer
+    # sending a step's 32 reward groups together); the kernel caps it at net.core.somaxconn
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):
