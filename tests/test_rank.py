@@ -337,3 +337,24 @@ def test_sampled_reuse_matches_and_compose_checks_sizes(judge):
         cache.compose(target, images=[(src, 1)])
     cache.compose(target, images=[(src, 1), (src, 0)])
     assert cache.composed == 1 and cache.encoded == 1
+
+
+def test_rank_skips_only_the_group_the_judge_fails_on(tmp_path, monkeypatch, capsys):
+    fake = _stub_generate(CRAFTED)
+
+    def failing(bundle, encoded, cfg, **kw):
+        if any(e.key.startswith("bad:") for e in encoded):
+            raise UrtError("generation failed for this group")
+        return fake(bundle, encoded, cfg, **kw)
+
+    monkeypatch.setattr(judge_mod, "generate", failing)
+    for i in range(3):
+        vqa_image(i).save(tmp_path / f"im{i}.png")
+    ims = [f"im{i}.png" for i in range(3)]
+    src = _write_groups(tmp_path, [{"key": "ok", "caption": "a", "images": ims},
+                                   {"key": "bad", "caption": "b", "images": ims}])
+    args = _rank_args([src], tmp_path / "out")
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["groups_ranked"] == 1 and summary["skipped_by_reason"] == {"judge error": 1}
+    assert [json.loads(x)["key"] for x in (tmp_path / "out" / "rankings.jsonl").read_text().splitlines()] == ["ok"]

@@ -15,7 +15,8 @@ Output (in `out_dir`):
 * `rankings.jsonl` / `rankings.parquet`: per group its win rates, ranking (best first), wins / losses /
   ties / unparsable counts, position consistency, intransitive triples, the pair verdicts;
 * `dpo.jsonl` / `dpo.parquet`: chosen / rejected candidates with the margin (win-rate difference);
-* `skipped.jsonl`: the groups left out and why (a bad line, a missing or undecodable file).
+* `skipped.jsonl`: the groups left out and why (a bad line, a missing or undecodable file, a group the
+  judge could not judge: its batch is retried group by group and only the culprit is skipped).
 
 Resumable line by line: a group whose id (`FILE:LINE`) is in rankings.jsonl or skipped.jsonl is not judged
 again; a truncated last line (an interrupted write) is dropped. The parquet files are rewritten from the
@@ -303,19 +304,30 @@ class Ranker:
                         continue
                     pending.append((line, spec, *loaded))
                     if len(pending) >= self.groups_per_batch:
-                        self._flush(pending, summary, f_rank, f_dpo, bar)
+                        self._flush(pending, summary, f_rank, f_dpo, bar, f_skip)
                 if pending:
-                    self._flush(pending, summary, f_rank, f_dpo, bar)
+                    self._flush(pending, summary, f_rank, f_dpo, bar, f_skip)
             finally:
                 if bar is not None:
                     bar[0].stop()
         write_parquet(self.out)
         return summary
 
-    def _flush(self, pending, summary: Summary, f_rank, f_dpo, bar) -> None:
-        results = self.judge.judge_groups([g for _, _, g, _ in pending], **self.opts)
+    def _judged(self, pending, summary: Summary, f_skip) -> list:
+        """(pending entry, GroupResult) for the groups that could be judged: a batch that fails is retried
+        group by group, and a group that fails alone (e.g. a prompt the processor refuses) follows `on_bad`."""
+        try:
+            return list(zip(pending, self.judge.judge_groups([g for _, _, g, _ in pending], **self.opts)))
+        except UrtError as err:
+            if len(pending) > 1:
+                return [x for p in pending for x in self._judged([p], summary, f_skip)]
+            self._skip(pending[0][0], "judge error", f"{pending[0][0].id}: {err}", summary, f_skip)
+            return []
+
+    def _flush(self, pending, summary: Summary, f_rank, f_dpo, bar, f_skip) -> None:
+        judged = self._judged(pending, summary, f_skip)
         rank_lines, dpo_lines = [], []
-        for (line, spec, group, keep), res in zip(pending, results):
+        for (line, spec, group, keep), res in judged:
             r, d = self._lines(line, spec, keep, res, summary)
             rank_lines.append(r)
             dpo_lines += d
