@@ -131,8 +131,8 @@ def main(argv=None) -> dict:
         out[f"ratio_{k}_vs_per_request_best"] = out["per_request"]["s_min"] / out[k]["s_min"]
     r = results["win_rates"]
     shown = {(p.first, p.j if p.first == p.i else p.i): p.verdict.text for p in r.pairs}
-    out["same_verdicts"] = (shown == texts and
-                            [p.verdict.text for p in results["batched_no_reuse"].pairs] == [p.verdict.text for p in r.pairs])
+    no_reuse = [p.verdict.text for p in results["batched_no_reuse"].pairs]
+    out["same_verdicts"] = shown == texts and no_reuse == [p.verdict.text for p in r.pairs]
     print(json.dumps(out, indent=1))
     return out
 

@@ -184,7 +184,8 @@ def tally(n: int, pairs: Sequence[PairVerdict], *, ties: str = "half") -> GroupR
                        intransitive_triples=cycles, ties_policy=ties)
 
 
-def dpo_pairs(result: GroupResult, *, policy: str = "best-worst", min_margin: float = 0.0) -> list[tuple[int, int, float]]:
+def dpo_pairs(result: GroupResult, *, policy: str = "best-worst",
+              min_margin: float = 0.0) -> list[tuple[int, int, float]]:
     """(chosen, rejected, margin) candidate pairs for DPO, margin = the win-rate difference. "best-worst":
     the top candidate against the bottom one; "all": every pair whose margin is over `min_margin`, largest
     margin first. A pair with margin <= `min_margin` (always including 0: no preference) is never made."""

@@ -154,7 +154,8 @@ def parse_group(body: Any, *, limits: Limits, media: MediaReader, default_max_to
         loaded = []
         for i, c in enumerate(cands):
             where = f"{kind}[{i}]"
-            loaded.append(media.image(_url(c, where), where, budget) if kind == "images" else clip(_url(c, where), where))
+            url = _url(c, where)
+            loaded.append(media.image(url, where, budget) if kind == "images" else clip(url, where))
         fields.update(caption=prompt, candidates=loaded)
     return fields, opts, ret
 
