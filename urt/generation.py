@@ -396,14 +396,18 @@ class _StopRows:
 
 
 def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = False,
-             desc: str = "generating", stop_rows=None, pad_prompt=None) -> list[list[Completion]]:
+             desc: str = "generating", stop_rows=None, pad_prompt=None, visual_cache=None
+             ) -> list[list[Completion]]:
     """Completions for `Encoded` prompts (see the module docstring): a list, in input order, of
     `cfg.num_return_sequences` `Completion`s per prompt (text starting with the prompt's assistant prefix,
     with the sampled ids). `stop_rows(indices) -> [bool]`, asked every decoding step, ends the generation of
     the prompts it flags (their completions stop where they are: a server's cancelled or timed-out
     requests), so the others in the batch go on and the call returns early when all are flagged.
     `cfg.lockstep` (a sharded model): every rank calls this, `pad_prompt` is what a rank generates for (and
-    drops) while it has no prompts left and another rank still has."""
+    drops) while it has no prompts left and another rank still has. `visual_cache` (a
+    `urt.rl.visual_cache.VisualCache` of this model): the prefill takes the prompts' cached visual features
+    (`mm_encoder_outputs`, which transformers' generate hands to the first forward) instead of running the
+    vision tower; prompts it has not seen are encoded into it."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from urt.data.collate import make_collator, model_inputs
@@ -488,6 +492,8 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                 rows = [prompts[i] if idx else pad for i in (idx or [None]) for _ in range(1 if shared else copies)]
                 batch = collate(rows)
                 inputs = to_device(model_inputs(batch), device, dtype)
+                if visual_cache is not None:
+                    inputs = visual_cache.inputs_for(model, rows, inputs)
                 width = int(inputs["input_ids"].shape[1])
                 if stop_rows is not None:  # rows are each prompt's `copies` samples, in order, on every path
                     gen_kwargs["stopping_criteria"] = StoppingCriteriaList(
@@ -497,8 +503,10 @@ def generate(bundle, prompts: list, cfg: GenerationConfig, *, progress: bool = F
                            if shared else None)
                     if out is None:
                         if shared:  # this model's cache cannot be repeated: repeat the prompts instead
-                            inputs = to_device(model_inputs(collate([p for p in rows for _ in range(copies)])),
-                                                device, dtype)
+                            rows = [p for p in rows for _ in range(copies)]
+                            inputs = to_device(model_inputs(collate(rows)), device, dtype)
+                            if visual_cache is not None:
+                                inputs = visual_cache.inputs_for(model, rows, inputs)
                         cache = preallocated_cache(model, width + int(cfg.max_new_tokens)) if cfg.preallocate else None
                         extra = {} if cache is None else {cache_kwarg(): cache}
                         out = model.generate(**inputs, **gen_kwargs, **extra)

@@ -8,5 +8,6 @@ from urt.lazy import lazy_exports
 
 # Resolved on first use: the judge imports torch through urt.generation, which `urt --help` never needs.
 __getattr__, __all__ = lazy_exports(__name__, {
-    "urt.judge.core": ("DEFAULT_TINY_FAMILY", "MODES", "Judge", "Verdict", "verdict_from_text"),
+    "urt.judge.core": ("DEFAULT_TINY_FAMILY", "MODES", "Group", "Judge", "Verdict", "verdict_from_text"),
+    "urt.judge.group": ("GroupResult", "PairVerdict", "advantages", "dpo_pairs", "schedule", "tally"),
 })

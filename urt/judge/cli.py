@@ -6,6 +6,11 @@
 
 Prints the chain of thought and the verdict (winner, totals, per-dimension scores), or with --json one
 JSON object (`Verdict.to_dict()` plus the model and mode).
+
+`urt rank`: groups of N candidates (JSONL, one group per line; urt/judge/rank.py) to per-candidate win
+rates, rankings and DPO pairs (JSONL and parquet), resumable line by line:
+
+    urt rank groups.jsonl --out ranked/ --model ckpt/ [--pairs-per-candidate 4] [--dpo all --min-margin 0.25]
 """
 
 from __future__ import annotations
@@ -100,6 +105,75 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p) -> None:
+    p.add_argument("--model", default="tiny", help="checkpoint folder, hub id, or 'tiny' (random; needs no download)")
+    p.add_argument("--family", default=None, help="model family (required only for 'tiny'; default qwen2_5_vl)")
+    p.add_argument("--mode", choices=("cot", "implicit"), default="cot",
+                   help="cot: chain-of-thought prompts; implicit: direct-answer ('w/o CoT') prompts")
+    p.add_argument("--template-set", default=None, help="prompt template set (default: the family's)")
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from urt.generation import GenerationConfig
+    from urt.judge.core import Judge
+    from urt.judge.rank import Ranker
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           seed=args.seed, batch_size=args.batch_size)
+    opts = {} if args.device is None else {"device": args.device}
+    if args.dtype is not None:
+        opts["dtype"] = args.dtype
+    judge = Judge(args.model, args.family, template_set=args.template_set, mode=args.mode, generation=gen,
+                  frames=args.frames, **opts)
+    ranker = Ranker(judge, args.out, both_orders=not args.one_order, pairs_per_candidate=args.pairs_per_candidate,
+                    ties=args.ties, dpo=args.dpo, min_margin=args.min_margin, on_bad=args.on_bad,
+                    groups_per_batch=args.groups_per_batch, verdict_text=not args.no_text,
+                    progress=not args.no_progress)
+    summary = ranker.run(args.inputs).to_dict()
+    summary["out"] = str(args.out)
+    sys.stdout.write(json.dumps(summary, ensure_ascii=False) + "\n")
+    return 0
+
+
+def register_rank(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rank",
+        help="rank groups of N candidates with a judge: win rates, rankings and DPO pairs",
+        description="Judge the pairs of each group (a caption + N images/videos, or a question + reference + N "
+                    "answers; JSONL, one group per line) and write per-candidate win rates, a ranking and DPO "
+                    "pairs (rankings.jsonl/.parquet, dpo.jsonl/.parquet, skipped.jsonl). Resumable: groups "
+                    "already in --out are not judged again. Win rate = (wins + ties/2) / (wins + losses + ties) "
+                    "over a candidate's verdicts; unparsable verdicts are counted apart.",
+    )
+    p.add_argument("inputs", nargs="+", help="JSONL files, or folders of *.jsonl shards")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_model_args(p)
+    p.add_argument("--one-order", action="store_true",
+                   help="judge each pair once (lower index first) instead of in both orders")
+    p.add_argument("--pairs-per-candidate", type=int, default=None,
+                   help="opponents per candidate for large groups (default: every pair)")
+    p.add_argument("--ties", choices=("half", "apart"), default="half",
+                   help="half: a tie counts half a win; apart: ties leave the denominator (wins / (wins+losses))")
+    p.add_argument("--dpo", choices=("best-worst", "all"), default="best-worst",
+                   help="DPO pairs per group: the top vs the bottom candidate, or every pair over --min-margin")
+    p.add_argument("--min-margin", type=float, default=0.0,
+                   help="a DPO pair needs a win-rate difference above this (default 0: any preference)")
+    p.add_argument("--on-bad", choices=("skip", "drop", "fail"), default="skip",
+                   help="a missing / undecodable file: skip its group (default), drop the candidate, or fail")
+    p.add_argument("--groups-per-batch", type=int, default=4, help="groups whose pairs are judged together")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default 8)")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
+    p.add_argument("--no-text", action="store_true", help="leave the verdicts' chains of thought out of the output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_rank)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "judge",
@@ -130,3 +204,4 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the rich report")
     p.set_defaults(func=_run)
+    register_rank(subparsers)

@@ -14,6 +14,12 @@ Position bias is the main failure of pairwise judges (docs/demo.md §Pitfalls, p
 both_orders=True)` also asks with the candidates swapped and maps that verdict back to the caller's
 order (`swapped=True`: winner, scores and totals refer to the caller's candidate 1 and 2, `text` is
 the completion as written, about the order the model saw).
+
+Groups: `win_rates(caption, candidates)` judges the pairs of N candidates (both orders by default) and returns
+per-candidate win rates, counts and diagnostics (`urt.judge.group.GroupResult`; docs/judge-as-reward.md);
+`judge_groups` does several groups in one batched pass. Each candidate's visual features are computed once
+per group and fed to every pair that shows it (`urt.rl.visual_cache.VisualCache.compose`, reaching the
+prefill as `mm_encoder_outputs`): the vision tower sees N images, not 2·N(N−1).
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from PIL import Image
 from urt.data.schema import Sample, Video, load_image, to_rgb
 from urt.errors import UrtError
 from urt.generation import GenerationConfig, generate
+from urt.judge.group import GroupResult, PairVerdict, schedule, tally
 
 MODES = ("cot", "implicit")
 DEFAULT_TINY_FAMILY = "qwen2_5_vl"
+KINDS = ("images", "videos", "answers")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,51 @@ def verdict_from_text(text: str, task: str, *, mode: str = "cot", swapped: bool 
         totals = {3 - k: v for k, v in totals.items() if k in (1, 2)}
     return Verdict(winner=winner, task=task, scores=scores, totals=dict(sorted(totals.items())),
                    format_ok=bool(j.format_ok), text=text, swapped=swapped)
+
+
+@dataclass
+class Group:
+    """One group to judge pairwise (`Judge.group` builds it from paths / images / strings): a caption and
+    N generated images or videos, or a question, its reference image / video and N answers. `candidates`
+    are loaded visuals (PIL images, decoded `Video`s) or answer strings."""
+
+    kind: str  # "images" | "videos" | "answers"
+    candidates: list
+    caption: str | None = None
+    question: str | None = None
+    reference: Any = None  # the image / Video the question is about (kind "answers")
+    key: str = "group"
+
+    @property
+    def task(self) -> str:
+        if self.kind == "answers":
+            return "video_understanding" if isinstance(self.reference, Video) else "image_understanding"
+        return "image_generation" if self.kind == "images" else "video_generation"
+
+    def sample(self, a: int, b: int) -> Sample:
+        """The pair sample showing candidate `a` first and `b` second."""
+        key = f"{self.key}:{a}-{b}"
+        if self.kind == "answers":
+            return Sample(key, self.task, 1, [self.reference], question=self.question,
+                          answers=(self.candidates[a], self.candidates[b]))
+        return Sample(key, self.task, 1, [self.candidates[a], self.candidates[b]], caption=self.caption)
+
+
+@dataclass
+class PreparedGroups:
+    """`Judge.encode_groups`' output: the groups, per pair prompt (group, i, j, candidate shown first), the
+    pair samples and their encodings."""
+
+    groups: list
+    shown: list
+    samples: list
+    encoded: list
+
+
+def _is_video(x) -> bool:
+    if isinstance(x, (Video, list, tuple)):
+        return True
+    return isinstance(x, (str, Path)) and Path(x).suffix.lower() in VIDEO_SUFFIXES
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -204,6 +258,183 @@ class Judge:
         cfg = dataclasses.replace(self.generation, num_return_sequences=1)
         texts = generate(self.bundle, encoded, cfg)
         return [verdict_from_text(t[0], s.task, mode=self.mode, swapped=sw) for t, (s, sw) in zip(texts, shown)]
+
+    # -------------------------------------------------------------------------------- groups
+
+    def group(self, prompt: str, candidates: Sequence, *, kind: str | None = None, image=None, video=None,
+              key: str = "group") -> Group:
+        """A `Group` with its candidates loaded: `prompt` is the caption (images / videos) or the question
+        (answers: `candidates` are strings, `image=` or `video=` the reference). `kind` defaults to
+        "answers" when a reference is given, else "videos" when every candidate is a video (a `Video`, a
+        list of frames or a path ending .mp4/.webm/.mov/.avi/.mkv/.m4v), else "images". A candidate that
+        cannot be loaded raises a UrtError naming it (`key`, its index and the file)."""
+        candidates = list(candidates)
+        if kind is None:
+            kind = ("answers" if image is not None or video is not None
+                    else "videos" if candidates and all(_is_video(c) for c in candidates) else "images")
+        if kind not in KINDS:
+            raise UrtError(f"group {key!r}: unknown kind {kind!r}; known: {', '.join(KINDS)}")
+        if len(candidates) < 2:
+            raise UrtError(f"group {key!r}: a group needs at least 2 candidates, got {len(candidates)}")
+        prompt = _text(prompt, f"group {key!r}: the {'question' if kind == 'answers' else 'caption'}")
+        if kind == "answers":
+            if (image is None) == (video is None):
+                raise UrtError(f"group {key!r}: answers need exactly one of image= or video= (the reference)")
+            ref = (_image(image, f"group {key!r}: reference image") if image is not None
+                   else _video(video, f"group {key!r}: reference video", self.frames))
+            answers = [_text(c, f"group {key!r}: candidate {i}") for i, c in enumerate(candidates)]
+            return Group("answers", answers, question=prompt, reference=ref, key=key)
+        if image is not None or video is not None:
+            raise UrtError(f"group {key!r}: image=/video= (a reference) are for kind 'answers', not {kind!r}")
+        load = ((lambda c, w: _image(c, w)) if kind == "images" else (lambda c, w: _video(c, w, self.frames)))
+        loaded = [load(c, f"group {key!r}: candidate {i}" + (f" ({c})" if isinstance(c, (str, Path)) else ""))
+                  for i, c in enumerate(candidates)]
+        return Group(kind, loaded, caption=prompt, key=key)
+
+    def load(self, kind: str, x, what: str):
+        """One candidate loaded for a group of `kind` "images" (a PIL image) or "videos" (a decoded
+        `Video`, `frames` frames); a UrtError starting with `what` when it cannot be read."""
+        if kind == "images":
+            return _image(x, what)
+        if kind == "videos":
+            return _video(x, what, self.frames)
+        raise UrtError(f"{what}: candidates of kind {kind!r} are not files")
+
+    def win_rates(self, prompt: str, candidates: Sequence, *, kind: str | None = None, image=None, video=None,
+                  both_orders: bool = True, pairs_per_candidate: int | None = None, ties: str = "half",
+                  reuse_visuals: bool = True, progress: bool = False) -> GroupResult:
+        """Per-candidate win rates of one group (urt.judge.group defines them): every pair (or
+        `pairs_per_candidate` opponents each) judged in both orders (`both_orders=False`: candidate with
+        the lower index first), each candidate's visual features computed once and reused in all its pairs
+        (`reuse_visuals`), pairs batched. `prompt`, `candidates`, `kind`, `image`, `video`: see `group`."""
+        g = self.group(prompt, candidates, kind=kind, image=image, video=video)
+        return self.judge_groups([g], both_orders=both_orders, pairs_per_candidate=pairs_per_candidate,
+                                 ties=ties, reuse_visuals=reuse_visuals, progress=progress)[0]
+
+    def judge_groups(self, groups: Sequence[Group], *, both_orders: bool = True,
+                     pairs_per_candidate: int | None = None, ties: str = "half", reuse_visuals: bool = True,
+                     progress: bool = False) -> list[GroupResult]:
+        """`win_rates` for several groups at once: the pairs of all groups go through one batched
+        `generate` call (what `urt rank` and the server's `/v1/rewards` batch concurrent groups with).
+        `encode_groups` then `judge_encoded`, for callers that encode and generate under different locks."""
+        prepared = self.encode_groups(groups, both_orders=both_orders, pairs_per_candidate=pairs_per_candidate)
+        return self.judge_encoded(prepared, ties=ties, reuse_visuals=reuse_visuals, progress=progress)
+
+    def encode_groups(self, groups: Sequence[Group], *, both_orders: bool = True,
+                      pairs_per_candidate: int | None = None) -> "PreparedGroups":
+        """The pair prompts of `groups`, encoded (processor and tokenizer; no model call)."""
+        groups = list(groups)
+        shown: list[tuple[int, int, int, int]] = []  # (group, i, j, first)
+        samples: list[Sample] = []
+        for gi, g in enumerate(groups):
+            if not isinstance(g, Group):
+                raise UrtError(f"judge_groups takes Group objects (Judge.group); item {gi} is a {type(g).__name__}")
+            for i, j in schedule(len(g.candidates), pairs_per_candidate):
+                for a, b in ((i, j), (j, i)) if both_orders else ((i, j),):
+                    shown.append((gi, i, j, a))
+                    samples.append(g.sample(a, b))
+        encoded = [self.encoder(s) for s in samples]
+        return PreparedGroups(groups, shown, samples, encoded)
+
+    def judge_encoded(self, prepared: "PreparedGroups", *, ties: str = "half", reuse_visuals: bool = True,
+                      progress: bool = False) -> list[GroupResult]:
+        """Verdicts and win rates of `encode_groups`' pairs (the model runs here)."""
+        groups, shown, samples, encoded = prepared.groups, prepared.shown, prepared.samples, prepared.encoded
+        cache, encoded_items = (self._pair_features(groups, shown, encoded) if reuse_visuals
+                                else (None, [None] * len(groups)))
+        cfg = dataclasses.replace(self.generation, num_return_sequences=1)
+        texts = generate(self.bundle, encoded, cfg, visual_cache=cache, progress=progress,
+                         desc=f"judging {len(encoded)} pairs")
+        per_group: list[list[PairVerdict]] = [[] for _ in groups]
+        for (gi, i, j, first), s, t in zip(shown, samples, texts):
+            v = verdict_from_text(t[0], s.task, mode=self.mode, swapped=first != i)
+            winner = i if v.winner == 1 else j if v.winner == 2 else v.winner
+            per_group[gi].append(PairVerdict(i=i, j=j, first=first, winner=winner, verdict=v))
+        out = []
+        for gi, g in enumerate(groups):
+            r = tally(len(g.candidates), per_group[gi], ties=ties)
+            r.meta = {"key": g.key, "task": g.task, "verdicts": len(per_group[gi]),
+                      "visual_items_encoded": encoded_items[gi]}
+            out.append(r)
+        return out
+
+    def _pair_features(self, groups: list[Group], shown: list, encoded: list) -> tuple[Any, list]:
+        """A VisualCache in which each candidate's (or the reference's) visual features are computed once
+        per group and every pair's features are composed from them; also, per group, how many images /
+        videos went through the vision tower. (None, ...) when this model's features cannot be cached (the
+        reason logged once): the pairs then run the tower as `judge` does."""
+        from urt.models.compat import warn_once
+        from urt.rl.visual_cache import VisualCache, cache_blocker
+
+        reason = cache_blocker(self.bundle.model, self.family, inference=True)
+        if reason is not None:
+            warn_once(f"judge: candidate visual features are not reused ({reason}); each pair runs the vision tower")
+            return None, [None] * len(groups)
+        cache = VisualCache(self.bundle.model, self.family, inference=True,
+                            batch_size=max(1, int(self.generation.batch_size)))
+        by_group: dict[int, list[tuple[int, int, Any]]] = {}
+        for (gi, i, j, first), e in zip(shown, encoded):
+            by_group.setdefault(gi, []).append((first, j if first == i else i, e))
+        plans = []  # (group, sources, items per candidate) with sources[c] = (Encoded, position 0/1)
+        todo: list = []
+        for gi, pres in by_group.items():
+            g = groups[gi]
+            n_img, n_vid = _visual_counts(self.family, pres[0][2])
+            if g.kind == "answers":  # one reference shared by every pair: encode it in the first one
+                plans.append((gi, pres[0][2], (n_img, n_vid)))
+                todo.append(pres[0][2])
+                continue
+            if n_img % 2 or n_vid % 2:  # e.g. the qwen3 set sends a video pair as one video: no per-candidate split
+                warn_once(f"judge: {self.family} {g.task} pairs do not hold the two candidates as separate "
+                          f"visuals; each pair runs the vision tower")
+                plans.append((gi, None, None))
+                continue
+            src: dict[int, tuple[Any, int]] = {}
+            for a, b, e in pres:  # a matching over the judged pairs covers (nearly) every candidate once
+                if a not in src and b not in src:
+                    src[a], src[b] = (e, 0), (e, 1)
+            left = [c for c in range(len(g.candidates)) if c not in src]
+            while len(left) >= 2:  # candidates the matching missed: pair them up in pairs of their own
+                a, b = left.pop(0), left.pop(0)
+                e = self.encoder(g.sample(a, b))
+                src[a], src[b] = (e, 0), (e, 1)
+            if left:  # an odd one out: any of its pairs (its partner is encoded a second time)
+                a, b, e = next((a, b, e) for a, b, e in pres if left[0] in (a, b))
+                src[left[0]] = (e, 0 if a == left[0] else 1)
+            plans.append((gi, src, (n_img // 2, n_vid // 2)))
+            todo += [e for e, _ in src.values()]
+        unique = list({id(e.visual): e for e in todo}.values())
+        cache.add(unique)
+        counted: dict[int, int] = {}
+        for gi, src, per in plans:
+            if src is None:
+                counted[gi] = None
+                continue
+            pres = by_group[gi]
+            if groups[gi].kind == "answers":
+                ref = src
+                for _, _, e in pres:
+                    cache.compose(e, images=[(ref, k) for k in range(per[0])],
+                                  videos=[(ref, k) for k in range(per[1])])
+                counted[gi] = sum(per)
+                continue
+            for a, b, e in pres:
+                imgs, vids = [], []
+                for c in (a, b):
+                    se, pos = src[c]
+                    imgs += [(se, pos * per[0] + k) for k in range(per[0])]
+                    vids += [(se, pos * per[1] + k) for k in range(per[1])]
+                cache.compose(e, images=imgs, videos=vids)
+            mine = {id(e.visual): e for e, _ in src.values()}
+            counted[gi] = sum(sum(_visual_counts(self.family, e)) for e in mine.values())
+        return cache, [counted.get(gi) for gi in range(len(groups))]
+
+
+
+def _visual_counts(family: str, e) -> tuple[int, int]:
+    from urt.rl.visual_cache import item_counts
+
+    return item_counts(family, e.visual) if e.visual else (0, 0)
 
 
 def _text(x, what: str) -> str:

@@ -117,8 +117,10 @@ def _active_dropout(model, family: str) -> str | None:
     return None
 
 
-def cache_blocker(model, family: str) -> str | None:
-    """Why the visual features of `model` cannot be cached for a rollout step (None: they can)."""
+def cache_blocker(model, family: str, *, inference: bool = False) -> str | None:
+    """Why the visual features of `model` cannot be cached for a rollout step (None: they can). With
+    `inference` (a judge's no-grad generation, `VisualCache(..., inference=True)`) trainable weights and
+    LoRA are no obstacle: nothing takes a gradient and the weights do not change while the cache lives."""
     if family not in SUPPORTED_FAMILIES:
         return f"family {family!r} has no visual cache (supported: {', '.join(SUPPORTED_FAMILIES)})"
     from urt.models.compat import forward_takes
@@ -130,10 +132,10 @@ def cache_blocker(model, family: str) -> str | None:
                 f"{type(hf_model(model)).__name__}.forward")
     params = encoder_parameters(model, family)
     lora = [n for n, _ in params if "lora_" in n]
-    if lora:
+    if lora and not inference:
         return f"LoRA adapters inside the visual encoder (e.g. {lora[0]})"
     trainable = [n for n, p in params if p.requires_grad]
-    if trainable:
+    if trainable and not inference:
         return (f"the visual encoder is trainable ({len(trainable)} tensors, e.g. {trainable[0]}): its features "
                 f"need grad and change between updates (freeze_vision and freeze_projector must be true)")
     drop = _active_dropout(model, family)
@@ -142,7 +144,7 @@ def cache_blocker(model, family: str) -> str | None:
     return None
 
 
-def _counts(family: str, visual: dict) -> tuple[int, int]:
+def item_counts(family: str, visual: dict) -> tuple[int, int]:
     """(images, videos) of one sample's processor outputs."""
     if family in QWEN_FAMILIES:
         n_img = int(visual["image_grid_thw"].shape[0]) if "pixel_values" in visual else 0
@@ -151,6 +153,17 @@ def _counts(family: str, visual: dict) -> tuple[int, int]:
         n_img = int(visual["image_sizes"].shape[0]) if "pixel_values" in visual else 0
         n_vid = int(visual["pixel_values_videos"].shape[0]) if "pixel_values_videos" in visual else 0
     return n_img, n_vid
+
+
+def _item_shape(family: str, visual: dict, modality: str, k: int) -> tuple:
+    """What fixes the size of the k-th image / video's features: its grid (Qwen) or its image size and,
+    for LLaVA-OV, how many images the prompt has (one image gets anyres crops, several the base view)."""
+    if family in QWEN_FAMILIES:
+        grid = visual["image_grid_thw" if modality == "image" else "video_grid_thw"]
+        return tuple(int(x) for x in grid[k].tolist())
+    if modality == "image":
+        return tuple(int(x) for x in visual["image_sizes"][k].tolist()) + (int(visual["image_sizes"].shape[0]) > 1,)
+    return tuple(visual["pixel_values_videos"][k].shape)
 
 
 @dataclass
@@ -172,8 +185,9 @@ class VisualCache:
     cannot be cached; `VisualCache.for_step` returns None (and logs why) instead. `inputs_for(model, seqs,
     inputs)` turns the model inputs of a collated batch of `seqs` into inputs that use the cache."""
 
-    def __init__(self, model, family: str, prompts: Sequence[Encoded] = (), *, batch_size: int = 8):
-        reason = cache_blocker(model, family)
+    def __init__(self, model, family: str, prompts: Sequence[Encoded] = (), *, batch_size: int = 8,
+                 inference: bool = False):
+        reason = cache_blocker(model, family, inference=inference)
         if reason is not None:
             raise UrtError(f"cannot cache the visual features of this {family} model: {reason}; run the log-prob "
                            f"passes without a VisualCache")
@@ -181,12 +195,14 @@ class VisualCache:
             raise UrtError(f"VisualCache batch_size must be >= 1, got {batch_size!r}")
         self.family = family
         self.model = model
+        self.inference = bool(inference)
         self.batch_size = int(batch_size)
         self._params = [p for _, p in encoder_parameters(model, family)]
         self._entries: dict[int, _Entry] = {}
         self._same: dict[int, tuple[Any, str | None]] = {}  # id(model) -> (model, why not the same encoder)
         self._out_cls: dict[str, type] = {}
         self.encoded = 0  # samples whose visuals went through the encoder
+        self.composed = 0  # samples whose features were assembled from cached ones (`compose`)
         self.lookups = 0  # sequences served from the cache
         self.fallbacks = 0  # batches run on the normal path (the reason was logged)
         self.add(prompts)
@@ -237,7 +253,7 @@ class VisualCache:
     def _encode(self, chunk: list[Encoded]) -> None:
         inner = hf_model(self.model).model
         vis = self._move(concat_visual(chunk))
-        counts = [_counts(self.family, e.visual) for e in chunk]
+        counts = [item_counts(self.family, e.visual) for e in chunk]
         entries = [_Entry(visual=e.visual) for e in chunk]
         if "pixel_values" in vis:
             if self.family in QWEN_FAMILIES:
@@ -284,17 +300,58 @@ class VisualCache:
                 getattr(entry, deep_attr).extend(deep[at:at + n])
             at += n
 
+    def items(self, sample: Encoded) -> tuple[int, int]:
+        """(images, videos) the cached entry of `sample` holds (encoding it first if needed)."""
+        self.add([sample])
+        entry = self._entries.get(id(sample.visual))
+        return (0, 0) if entry is None else (len(entry.images), len(entry.videos))
+
+    def compose(self, target: Encoded, images: Sequence[tuple[Encoded, int]] = (),
+                videos: Sequence[tuple[Encoded, int]] = ()) -> None:
+        """Feed `target`'s visuals from features already cached for other samples, without running the
+        encoder: its k-th image is image `images[k][1]` of sample `images[k][0]` (likewise videos). A judge
+        comparing N candidates pairwise encodes each candidate once and composes every pair from them.
+        Exact where an item's features depend on that item only (per-image attention in the Qwen towers;
+        LLaVA-OV's multi-image base view): the grids / image sizes of `target` must equal the sources'
+        (checked: a mismatch raises instead of scattering another item's features)."""
+        if id(target.visual) in self._entries:
+            return
+        self.add([src for src, _ in (*images, *videos)])
+        entry = _Entry(visual=target.visual)
+        want = item_counts(self.family, target.visual)
+        if (len(images), len(videos)) != want:
+            raise UrtError(f"compose {target.key!r}: it has {want[0]} images and {want[1]} videos, but "
+                           f"{len(images)} images and {len(videos)} videos were given")
+        for modality, items, attr, deep_attr in (("image", images, "images", "image_deepstack"),
+                                                 ("video", videos, "videos", "video_deepstack")):
+            for k, (src, idx) in enumerate(items):
+                have = self._entries.get(id(src.visual))
+                if have is None or not 0 <= idx < len(getattr(have, attr)):
+                    raise UrtError(f"compose {target.key!r}: sample {src.key!r} has no cached {modality} {idx}")
+                if _item_shape(self.family, target.visual, modality, k) != _item_shape(
+                        self.family, src.visual, modality, idx):
+                    raise UrtError(f"compose {target.key!r}: its {modality} {k} is not the same size as {modality} "
+                                   f"{idx} of {src.key!r}; the cached features cannot stand in for it")
+                getattr(entry, attr).append(getattr(have, attr)[idx])
+                if getattr(have, deep_attr):
+                    getattr(entry, deep_attr).append(getattr(have, deep_attr)[idx])
+        self._entries[id(target.visual)] = entry
+        self.composed += 1
+
     # ------------------------------------------------------------------------------------ use
     def usable_for(self, model) -> str | None:
         """Why this cache cannot feed `model` (None: it can): `cache_blocker`, or a visual encoder that is
         neither the cache's own nor a bitwise-equal copy of it."""
         if hf_model(model) is hf_model(self.model):
+            if self.inference:
+                drop = _active_dropout(model, self.family)
+                return None if drop is None else f"dropout is active in the visual encoder ({drop})"
             trainable = any(p.requires_grad for p in self._params)
             if trainable or any("lora_" in n for n, _ in encoder_parameters(model, self.family)):
                 return cache_blocker(model, self.family) or "the visual encoder changed since the cache was built"
             drop = _active_dropout(model, self.family)
             return None if drop is None else f"dropout is active in the visual encoder ({drop})"
-        reason = cache_blocker(model, self.family)
+        reason = cache_blocker(model, self.family, inference=self.inference)
         if reason is not None:
             return reason
         key = id(model)

@@ -25,6 +25,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     max_video_frames=args.max_video_frames, video_frames=video_frames,
                     max_media_bytes=args.max_media_bytes, max_body_bytes=args.max_body_bytes,
                     max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, max_tokens=args.max_tokens_limit,
+                    max_candidates=args.max_candidates,
                     max_concurrent_per_key=args.max_concurrent_per_key,
                     max_request_seconds=args.max_request_seconds)
     if args.max_new_tokens > limits.max_tokens:
@@ -107,6 +108,8 @@ def register(subparsers) -> None:
                      help="bytes of a request body (413; default %(default)s)")
     lim.add_argument("--max-prompt-tokens", type=int, default=None,
                      help="prompt tokens, images included (400; default: the model's max_position_embeddings)")
+    lim.add_argument("--max-candidates", type=int, default=d.max_candidates,
+                     help="candidates in one /v1/rewards group (400; default %(default)s)")
     lim.add_argument("--max-n", type=int, default=d.max_n,
                      help="completions per request, 'n' (400; default %(default)s)")
     lim.add_argument("--max-tokens-limit", type=int, default=d.max_tokens,

@@ -27,6 +27,7 @@ class Limits:
     # seconds from a request's arrival in the queue to its answer: past it, its generation is stopped and it
     # gets a 504, so one long request cannot hold the worker (a 7B judge writes ~1k tokens in well under this)
     max_request_seconds: int = 600
+    max_candidates: int = 16  # candidates in one /v1/rewards group (N(N-1) verdicts in both orders)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -3,6 +3,10 @@
 * `POST /v1/chat/completions`: fields `model`, `messages`, `max_tokens` / `max_completion_tokens`,
   `temperature`, `top_p`, `n`, `seed`; the response follows the OpenAI schema (`choices[i].message.
   content`, `finish_reason` "stop" | "length", `usage`). `stream=true` is refused (400).
+* `POST /v1/rewards`: a group (a caption and N images / videos, or a question, its image / video and N
+  answers) -> per-candidate win rates, ranking, GRPO advantages and the pair verdicts (`urt.serve.rewards`);
+  concurrent groups are batched by their own worker, which shares the model with the chat worker under
+  one lock.
 * `GET /v1/models` (the served model id), `GET /health` -> `{"status": "ok"}` (nothing else: it is the one
   endpoint open without a key, for load balancers and probes).
 
@@ -40,6 +44,21 @@ from urt.serve.media import MediaReader
 from urt.serve.request import encode_messages, parse_sampling
 
 log = logging.getLogger(__name__)
+
+POST_ROUTES = ("/v1/chat/completions", "/v1/rewards")
+
+
+def _locked(generate_fn: Callable | None, lock: threading.Lock) -> Callable:
+    """`generate_fn` (default `urt.generation.generate`) run under `lock`."""
+
+    def locked(*args, **kwargs):
+        fn = generate_fn
+        if fn is None:
+            from urt.generation import generate as fn
+        with lock:
+            return fn(*args, **kwargs)
+
+    return locked
 
 
 POLL_S = 0.05  # how often a waiting request checks its client and its time
@@ -95,9 +114,17 @@ class JudgeServer:
         # each request's time bound (queue + generation): limits.max_request_seconds unless given here
         self.request_timeout_s = float(request_timeout_s if request_timeout_s is not None
                                        else limits.max_request_seconds)
+        # one model, two workers (chat, rewards): generation runs under this lock
+        self.model_lock = threading.Lock()
         self.batcher = Batcher(bundle, max_batch_size=max_batch_size, batch_wait_s=float(batch_wait_ms) / 1000.0,
-                               max_queue=max_queue, seed=seed, generate_fn=generate_fn)
+                               max_queue=max_queue, seed=seed, generate_fn=_locked(generate_fn, self.model_lock))
         self._encode_lock = threading.Lock()  # processor / tokenizer calls from HTTP threads
+        from urt.serve.rewards import RewardBatcher
+
+        self.rewards_batcher = RewardBatcher(bundle, model_lock=self.model_lock, encode_lock=self._encode_lock,
+                                             max_groups=max_batch_size, batch_wait_s=float(batch_wait_ms) / 1000.0,
+                                             max_queue=max_queue, max_prompt_tokens=limits.max_prompt_tokens,
+                                             batch_size=max_batch_size)
         self._httpd: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
         self._stats_lock = threading.Lock()
@@ -141,11 +168,12 @@ class JudgeServer:
             log.warning("urt serve: %s", problem)
         handler = type("_BoundHandler", (_Handler,), {"judge": self})
         try:
-            self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
+            self._httpd = _HTTPServer((self.host, self.port), handler)
         except OSError as err:
             raise UrtError(f"cannot listen on {self.host}:{self.port}: {err}") from None
         self._httpd.daemon_threads = True
         self.batcher.start()
+        self.rewards_batcher.start()
         self._http_thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                              name="urt-serve-http", daemon=True)
         self._http_thread.start()
@@ -155,6 +183,7 @@ class JudgeServer:
         if self._httpd is None:
             return
         self.batcher.stop(timeout)
+        self.rewards_batcher.stop(timeout)
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._http_thread is not None:
@@ -185,6 +214,8 @@ class JudgeServer:
             out = dict(self._counts)
         out.update(self.batcher.stats())
         out["in_flight"] = self.concurrency.in_flight()
+        out["reward_batches"] = list(self.rewards_batcher.batches)
+        out["reward_groups_queued"] = self.rewards_batcher.queued()
         return out
 
     def authenticate(self, authorization: str | None, address: str) -> tuple[tuple, str]:
@@ -252,12 +283,40 @@ class JudgeServer:
                       "total_tokens": prompt_tokens + completion_tokens},
         }
 
+    def rewards(self, body) -> dict:
+        """Answer one parsed /v1/rewards body (urt.serve.rewards; raises RequestError for client errors)."""
+        from urt.serve.rewards import parse_group, response
+
+        if isinstance(body, dict) and body.get("model") is not None and body["model"] != self.model_name:
+            raise RequestError(f"model {body['model']!r} is not served here; this server serves {self.model_name!r}",
+                               status=404, param="model", code="model_not_found")
+        rid = f"rwd-{uuid.uuid4().hex}"
+        fields, opts, return_text = parse_group(
+            body, limits=self.limits, media=self.media, default_max_tokens=self.max_new_tokens,
+            default_temperature=self.temperature, default_top_p=self.top_p, default_seed=self.seed, key=rid)
+        job = self.rewards_batcher.submit(self.rewards_batcher.group(fields), opts)
+        if not job.done.wait(self.request_timeout_s):
+            raise RequestError(f"judging did not finish within {self.request_timeout_s:g} s", status=504,
+                               type="server_error", code="timeout")
+        if job.error is not None:
+            if isinstance(job.error, RequestError):
+                raise job.error
+            raise RuntimeError(f"judging failed: {type(job.error).__name__}: {job.error}")
+        self._count("completed")
+        return response(job.result, model=self.model_name, rid=rid, return_text=return_text)
+
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "urt", "family": self.bundle.family}]}
 
 
 # ---------------------------------------------------------------------------------------- HTTP
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    # socketserver's listen backlog of 5 resets connections when a burst of clients connects at once (a trainer
+    # sending a step's 32 reward groups together); the kernel caps it at net.core.somaxconn
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -315,8 +374,8 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     self._error(RequestError(f"model {name!r} is not served here", status=404,
                                              code="model_not_found"))
-            elif path == "/v1/chat/completions":
-                self._error(RequestError("use POST for /v1/chat/completions", status=405))
+            elif path in POST_ROUTES:
+                self._error(RequestError(f"use POST for {path}", status=405))
             else:
                 self._error(RequestError(f"no route {path!r}", status=404, code="not_found"))
         except RequestError as err:
@@ -349,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._path()
         try:
             ident, label = self._authenticate(path)
-            if path != "/v1/chat/completions":
+            if path not in POST_ROUTES:
                 # Still consume the body so the connection stays usable.
                 try:
                     self._read_body()
@@ -371,7 +430,8 @@ class _Handler(BaseHTTPRequestHandler):
                     body = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise RequestError(f"invalid JSON body: {err}") from None
-                self._send(200, self.judge.chat_completion(body, client_gone=self._client_gone))
+                self._send(200, self.judge.rewards(body) if path == "/v1/rewards"
+                           else self.judge.chat_completion(body, client_gone=self._client_gone))
             finally:
                 self.judge.concurrency.release(ident)
         except ClientGone:
