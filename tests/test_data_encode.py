@@ -63,30 +63,29 @@ def test_labels_cover_exactly_target_and_im_end(family, samples):
         assert q.num_supervised == 0 and q.prompt_length == len(q)
         assert torch.equal(q.input_ids, e.input_ids[: e.prompt_length])
         text = p.tokenizer.decode(q.input_ids)
-        assert text.endswith("<|im_start|>assistant\n" + prefix)
+        closed = "<think>\n\n</think>\n\n" if family == "qwen3_5" else ""  # rendered as served: no thinking
+        assert text.endswith("<|im_start|>assistant\n" + closed + prefix)
         if family == "llava_onevision":
             assert e.mm_token_type_ids is None
         else:
             assert e.mm_token_type_ids.shape == e.input_ids.shape
 
 
-def test_qwen3_5_think_prefix(samples):
-    """The Qwen3.5 template opens `<think>\\n`: the target continues it; a CoT starting `<think>` without
-    the newline is normalised (not rejected), one starting with the prefix is used as is."""
+def test_qwen3_5_renders_as_served_without_thinking(samples):
+    """Qwen3.5 prompts render with enable_thinking=False, as the released checkpoints are served: the template
+    closes an empty think block, the model's target (and output) is the paper's whole <think>...</think>
+    <answer>...</answer>, so the format reward sees every tag the model wrote; no prefix is prepended."""
+    from urt.rewards import format_reward
+
     p = proc("qwen3_5")
-    enc = SampleEncoder(p, "qwen3_5")
-    s = samples[0]  # "<think>Image 1: 8/10 ..."
-    e = enc(s)
-    assert e.meta["assistant_prefix"] == "<think>\n" and e.meta.get("target_normalised")
-    assert supervised_text(p.tokenizer, e) == s.cot[len("<think>"):] + "<|im_end|>"
-    exact = dataclasses.replace(s, cot="<think>\nImage 1: 8/10</think>\n<answer>Image 1 is better</answer>")
-    e2 = enc(exact)
-    assert "target_normalised" not in e2.meta
-    assert supervised_text(p.tokenizer, e2) == "Image 1: 8/10</think>\n<answer>Image 1 is better</answer><|im_end|>"
-    assert p.tokenizer.decode(e2.input_ids[: e2.prompt_length]).endswith("<|im_start|>assistant\n<think>\n")
-    bad = dataclasses.replace(s, cot="Image 1 is better")
-    with pytest.raises(UrtError, match="ig.0/a"):
-        enc(bad)
+    s = dataclasses.replace(samples[0], cot="<think>\nImage 1: 8/10</think>\n<answer>Image 1 is better</answer>")
+    e = SampleEncoder(p, "qwen3_5")(s)
+    assert p.tokenizer.decode(e.input_ids[: e.prompt_length]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert e.meta["assistant_prefix"] == "" and "target_normalised" not in e.meta
+    assert supervised_text(p.tokenizer, e) == s.cot + "<|im_end|>"
+    prompt = SampleEncoder(p, "qwen3_5", mode="prompt")(s)
+    assert prompt.meta["assistant_prefix"] == "" and len(prompt) == e.prompt_length
+    assert format_reward(supervised_text(p.tokenizer, e)[: -len("<|im_end|>")]) == 1.0
 
 
 def test_answer_targets_and_ties(samples):

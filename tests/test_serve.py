@@ -316,7 +316,9 @@ def test_request_encoding_frames_and_errors():
         encode_messages(b, [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}]}])
     qb = SimpleNamespace(family="qwen3_5", processor=tiny_processor("qwen3_5"))
-    assert encode_messages(qb, [{"role": "user", "content": "x"}]).meta["assistant_prefix"] == "<think>\n"
+    served = encode_messages(qb, [{"role": "user", "content": "x"}])  # as released checkpoints are served
+    assert served.meta["assistant_prefix"] == ""
+    assert qb.processor.tokenizer.decode(served.input_ids).endswith("assistant\n<think>\n\n</think>\n\n")
 
 
 def test_register_cli():

@@ -127,12 +127,13 @@ class SampleEncoder:
     text put before the filled template (a "reason" sample may use the bare `fields` set after it: the demo's
     instructed grounding pairs).
 
-    Qwen3.5-style templates open the assistant turn with `<think>\\n` (`ChatPrompt.assistant_prefix`):
-    a CoT target must start with that prefix (a target starting `<think>` without the newline is
-    accepted: the prefix replaces `<think>` plus any whitespace after it, recorded in
-    `meta["target_normalised"]`); "answer" targets render the prompt with `enable_thinking=False`
-    (the template's empty think block) so no think block is expected (the same for "describe"). `meta["assistant_prefix"]` is what
-    generated text must be prefixed with before parsing."""
+    Qwen3.5 renders as its released checkpoints are served, `enable_thinking=False`
+    (`urt.prompts.render.CHAT_TEMPLATE_KWARGS`): the template closes an empty think block and the target is
+    the whole `<think>…</think><answer>…</answer>`. A thinking template that opens the assistant turn with
+    `<think>\\n` (`ChatPrompt.assistant_prefix`) makes a CoT target start with that prefix (a target starting
+    `<think>` without the newline is accepted: the prefix replaces `<think>` plus any whitespace after it,
+    recorded in `meta["target_normalised"]`), and "answer"/"describe" targets then use its no-think form.
+    `meta["assistant_prefix"]` is what generated text must be prefixed with before parsing."""
 
     def __init__(self, processor, family: str, *, template_set: str | None = None, mode: str = "sft",
                  target: str = "cot", max_length: int | None = None):
@@ -252,7 +253,7 @@ class SampleEncoder:
         except UrtError as err:
             raise UrtError(f"sample {sample.key!r}: {err}") from None
         if self.target in ("answer", "describe") and prompt.assistant_prefix and prompt.messages is not None:
-            # A thinking template (Qwen3.5) opens "<think>\n"; direct answers use its no-think form.
+            # A thinking template opens "<think>\n"; direct answers use its no-think form.
             text = self.processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True,
                                                       enable_thinking=False)
             opened = text[text.rfind("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]

@@ -9,6 +9,7 @@ braces; values are never re-parsed, so a caption containing `{x}` is inserted ve
 from __future__ import annotations
 
 import os
+import re
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -280,7 +281,7 @@ def render_chat(
     prefix = ""
     if processor is not None:
         text = processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **chat_template_kwargs(family)
         )
         if add_generation_prompt:
             prefix = assistant_prefix(text)
@@ -291,14 +292,28 @@ def render_chat(
 
 
 _ASSISTANT_HEADER = f"{IM_START}assistant\n"
+# Chat-template options per family, as the released checkpoints are served. UnifiedReward-Think-qwen35's
+# official serving config passes enable_thinking: false: the template then closes an empty think block
+# ("<think>\n\n</think>\n\n") and the model writes the paper's whole "<think>…</think><answer>…</answer>"
+# itself, so the rewards and the parser see every tag it wrote (with thinking on, the template would open the
+# block and the completion would be a tag short).
+CHAT_TEMPLATE_KWARGS: dict[str, dict] = {"qwen3_5": {"enable_thinking": False}}
+_CLOSED_EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+
+
+def chat_template_kwargs(family: str) -> dict:
+    return dict(CHAT_TEMPLATE_KWARGS.get(family, {}))
 
 
 def assistant_prefix(text: str) -> str:
-    """What a chat template wrote after the final assistant header of a generation prompt."""
+    """What a chat template wrote after the final assistant header of a generation prompt that the model's
+    output continues (an opened `<think>\n`). A closed, empty think block (a no-thinking template) is part of
+    the prompt, not of the answer: the model writes its own block after it, so the prefix is empty."""
     if not isinstance(text, str):
         return ""
     i = text.rfind(_ASSISTANT_HEADER)
-    return "" if i < 0 else text[i + len(_ASSISTANT_HEADER):]
+    opened = "" if i < 0 else text[i + len(_ASSISTANT_HEADER):]
+    return "" if _CLOSED_EMPTY_THINK.fullmatch(opened) else opened
 
 
 def assistant_suffix(family: str, completion: str, *, prefix: str = "") -> str:

@@ -169,7 +169,7 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", limits: Limi
     import torch
 
     from urt.data.encode import IGNORE_INDEX, Encoded
-    from urt.prompts.render import assistant_prefix
+    from urt.prompts.render import assistant_prefix, chat_template_kwargs
 
     limits = limits or (media.limits if media is not None else Limits())
     turns = parse_messages(messages, limits=limits, media=media)
@@ -185,7 +185,8 @@ def encode_messages(bundle, messages: Any, *, key: str = "request", limits: Limi
     else:
         msgs, images, videos = _qwen_messages(turns)
         try:
-            text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                 **chat_template_kwargs(family))
         except Exception as err:  # noqa: BLE001 - jinja raises TemplateError etc. for odd conversations
             raise RequestError(f"the {family} chat template rejected these messages "
                                f"({type(err).__name__}: {err})", param="messages") from None
