@@ -269,7 +269,9 @@ def test_report_files_and_checks(tmp_path):
     assert rep["seconds"] == {"base": 12.5, "grpo": 12.5}
     assert rep["checks"] == {"rejection_sampling_above_cold_start": True, "grpo_at_or_above_rejection_sampling": True,
                              "format_rate_after_rejection_sampling_at_least_0.95": True,
-                             "final_overall_at_least_0.80": False}
+                             "final_overall_at_least_0.80": False,
+                             "grpo_above_rejection_sampling_mcnemar_p_below_0.05": None,
+                             "grpo_more_sound_correct_than_rejection_sampling": None}
     md = markdown(rep)
     assert "| grpo | 72.0 | 100.0 |" in md and "final overall at least 0.80: NO" in md
     assert "image shape 30.0 -> 90.0" in md

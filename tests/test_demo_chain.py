@@ -200,3 +200,57 @@ def test_chain_reward_named_in_a_config_sees_meta_per_sample():
     assert got["rewards/accuracy"] == [1.0, 1.0]       # the outcome reward cannot tell them apart
     assert got["rewards/chain"] == [1.0, 0.5]
     assert got["reward"] == [3.0, 2.5]
+
+
+def test_report_counts_sound_and_lucky_judgements_and_compares_them(tmp_path):
+    """Crafted evaluation outputs of two stages on two pairs (both orders): the report's soundness counts, error
+    kinds and the McNemar comparison of sound-correct judgements."""
+    import json
+
+    from urt.data.shards import write_shards
+    from urt.demo.report import build_report, markdown, transition_lines
+
+    g = Sample("g", "image_generation", 1, [_IMG, _IMG], caption="a red circle", meta=_gen())
+    u = Sample("u", "image_understanding", 1, [_IMG], question="what color is the shape?", answers=("red", "blue"),
+               meta=_und())
+    write_shards([g, u], tmp_path / "data" / "test", prefix="t", overwrite=True)
+    lucky_gen = _think(*_with(GEN_SOUND, 2, "Image 2 shows a red circle: red vs red yes, circle vs circle yes, so "
+                                            "Image 2 (10/10) matches."), answer="Image 1 is better")
+    outputs = {  # (key, swapped) -> (rejection sampling, grpo)
+        ("g", False): (lucky_gen, _think(*GEN_SOUND, answer="Image 1 is better")),
+        ("g", True): ("<answer>Image 1 is better</answer>", _think(g.meta["describe_swapped"], answer="Image 2 is better")),
+        ("u", False): (_think(*_with(UND_SOUND, 1, "The question asks about the colour. The image shows a blue circle, "
+                                                  "so the correct answer says blue."), answer="Answer 2 is better"),
+                       _think(*UND_SOUND, answer="Answer 1 is better")),
+        ("u", True): (_think(u.meta["describe_swapped"], answer="Answer 2 is better"),
+                      _think("Answer 1 says red. Answer 2 says blue.",  # the answers as stored, not as shown
+                             *u.meta["describe_swapped"].split("\n")[1:], answer="Answer 2 is better")),
+    }
+    stages = {}
+    for i, name in enumerate(("rejection_sampling", "grpo")):
+        d = tmp_path / "eval" / name / "shards-cot"
+        d.mkdir(parents=True)
+        d.joinpath("generations.jsonl").write_text("".join(
+            json.dumps({"key": k, "output": out[i], "swapped": sw, "task": {"g": "image_generation",
+                                                                             "u": "image_understanding"}[k]}) + "\n"
+            for (k, sw), out in outputs.items()))
+        d.joinpath("results.json").write_text(json.dumps({"shards": str(tmp_path / "data" / "test")}))
+        st = {"overall": 0.5, "format_rate": 1.0, "answer_1_rate": 0.5, "gold_1_rate": 0.5, "tasks": {}}
+        stages[name] = {"modes": {"cot": {"shards": st}}}
+    rep = build_report(tmp_path, {"stages": stages})
+    rs, gr = rep["soundness"]["rejection_sampling"], rep["soundness"]["grpo"]
+    assert (rs["sound_correct"], rs["lucky_correct"], rs["wrong"]) == (1, 1, 2)
+    assert rs["kinds"] == {"sound": 1, "unparsable": 1, "broken": 0, "reading": 0, "perception": 2, "verdict": 0}
+    assert rs["tasks"]["image_generation"]["lucky_correct"] == 1
+    # grpo: three sound chains and one that copies the answers in the wrong order (a lucky reading error)
+    assert (gr["sound_correct"], gr["lucky_correct"], gr["wrong"]) == (3, 1, 0) and gr["kinds"]["reading"] == 1
+    t = rep["transitions"]["grpo_vs_rejection_sampling"]
+    assert (t["gained"], t["lost"]) == (2, 0)
+    # sound-correct: three gained, and the one sound at rejection sampling is lucky after GRPO
+    assert (t["sound_correct"]["gained"], t["sound_correct"]["lost"]) == (3, 1)
+    assert t["sound_correct"]["p_value"] == 0.625
+    assert rep["checks"]["grpo_more_sound_correct_than_rejection_sampling"] is True
+    assert rep["checks"]["grpo_above_rejection_sampling_mcnemar_p_below_0.05"] is False  # 2 flips are not evidence
+    md = markdown(rep)
+    assert "| grpo | 3/4 | 1 | 0 | 0 | 0 | 1 | 0 | 0 |" in md
+    assert any("sound-correct +3 / -1" in x for x in transition_lines(rep))
