@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _restore_reward_registry():
     """Tests register their own rewards (GRPO tests, registry tests); the registry is global, so put it
     back after each test rather than let one test's rewards leak into another's."""
+    import urt.demo.chain  # noqa: F401 - registers `chain` on its first import only: had a test imported it first,
+    #   the restore below would drop it for good (a later `reward.imports` is a no-op on a module already loaded)
     from urt.rewards import REWARDS
 
     saved = dict(REWARDS)
