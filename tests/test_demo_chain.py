@@ -254,3 +254,30 @@ def test_report_counts_sound_and_lucky_judgements_and_compares_them(tmp_path):
     md = markdown(rep)
     assert "| grpo | 3/4 | 1 | 0 | 0 | 0 | 1 | 0 | 0 |" in md
     assert any("sound-correct +3 / -1" in x for x in transition_lines(rep))
+
+
+def test_report_says_what_the_grpo_reward_paid_for(tmp_path):
+    """A crafted rollout table: one group of a sound, a lucky and a wrong completion; the positive advantage that
+    went to the lucky one is what the outcome reward pays for luck."""
+    import pandas as pd
+
+    from urt.data.shards import write_shards
+    from urt.demo.report import rollout_soundness
+
+    g = Sample("g", "image_generation", 1, [_IMG, _IMG], caption="a red circle", meta=_gen())
+    write_shards([g.swapped()], tmp_path / "rs_sample" / "grpo", prefix="t", overwrite=True)  # stored swapped
+    sw = g.meta["describe_swapped"]
+    lucky = _think("The caption asks for a red circle.",
+                   "Image 1 shows a red circle: red vs red yes, circle vs circle yes, so Image 1 (10/10) matches.",
+                   "Image 2 shows a red circle: red vs red yes, circle vs circle yes, so Image 2 (10/10) matches.",
+                   answer="Image 2 is better")
+    rows = [(_think(sw, answer="Image 2 is better"), 1.0), (lucky, 1.0), (_think(sw, answer="Image 1 is better"), -2.0)]
+    (tmp_path / "grpo" / "rollouts").mkdir(parents=True)
+    pd.DataFrame({"step": 0, "group": 0, "sample": range(3), "reward": 0.0, "prompt_key": "g",
+                  "task": "image_generation", "label": 2, "swapped": True, "completion": [c for c, _ in rows],
+                  "reward_accuracy": [1.0, 1.0, 0.0],
+                  "advantage": [a for _, a in rows]}).to_parquet(tmp_path / "grpo" / "rollouts" / "step-000000.parquet")
+    r = rollout_soundness(tmp_path / "grpo", tmp_path / "rs_sample" / "grpo")
+    assert (r["n"], r["correct"], r["sound_correct"]) == (3, 2, 1)
+    assert r["positive_advantage_not_sound_correct"] == 0.5 and r["groups_with_sound_correct"] == 1
+    assert rollout_soundness(tmp_path / "nothing", tmp_path / "rs_sample" / "grpo") is None

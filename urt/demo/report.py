@@ -8,6 +8,7 @@ report.json::
      "soundness": {stage: C},               # CoT chains checked against the samples' attributes (urt/demo/chain.py)
      "grpo_curve": [{"step": 1, "reward": r, "accuracy": a, "format": f, "chain": c}, ...],
      "grpo_paper_reward_curve": [...],
+     "rollouts": {"grpo": R, "grpo_paper_reward": R},   # what each GRPO run's reward paid for (rollout_soundness)
      "vision": {"heldout_before": {...}, "heldout_after": {...}},  # the vision step's attribute heads, if run
      "transitions": {"grpo_vs_rejection_sampling": {"n": 400, "gained": g, "lost": l, "p_value": p,
                                                     "sound_correct": {"n", "gained", "lost", "p_value"}}, ...},
@@ -129,6 +130,41 @@ def soundness(judged: dict[str, list]) -> dict:
     return out
 
 
+def rollout_soundness(run_dir: Path, shards: Path) -> dict | None:
+    """What a GRPO run's reward paid for: its rollouts' chains checked against their samples (`shards`: the run's
+    training pairs) — correct and sound-correct completions, the share of the positive advantage that went to
+    completions that were not sound-correct, and how many groups held a sound-correct completion, in all and over
+    the first and last quarter of the steps. None without rollout tables."""
+    from urt.data.shards import iter_headers
+    from urt.demo.chain import check_chain
+    from urt.rollouts import load_rollouts
+
+    if not any(Path(run_dir).glob("rollouts/step-*.parquet")) or not Path(shards).is_dir():
+        return None
+    df = load_rollouts(run_dir)
+    metas = {h["key"]: h["meta"] for _, h in iter_headers(shards, on_error="raise")}
+    rows = []
+    for r in df.itertuples():
+        c = check_chain(r.completion if isinstance(r.completion, str) else "", r.task, metas[r.prompt_key],
+                        int(r.label), swapped=bool(r.swapped))
+        rows.append((int(r.step), int(r.group), c.correct, c.outcome == "sound_correct", float(r.advantage)))
+
+    def summary(rs: list) -> dict:
+        groups: dict = {}
+        for st, g, _, sc, _ in rs:
+            groups[(st, g)] = groups.get((st, g), False) or sc
+        pos = sum(a for *_, a in rs if a > 0)
+        return {"n": len(rs), "correct": sum(r[2] for r in rs), "sound_correct": sum(r[3] for r in rs),
+                "positive_advantage_not_sound_correct": (sum(a for *_, sc, a in rs if a > 0 and not sc) / pos
+                                                         if pos else None),
+                "groups": len(groups), "groups_with_sound_correct": sum(groups.values())}
+
+    steps = sorted({r[0] for r in rows})
+    q = max(1, len(steps) // 4)
+    return {**summary(rows), "first_quarter": summary([r for r in rows if r[0] in set(steps[:q])]),
+            "last_quarter": summary([r for r in rows if r[0] in set(steps[-q:])])}
+
+
 def transitions(judged: dict[str, list]) -> dict:
     """Stages compared on the same held-out judgements (COMPARISONS, those both evaluated): how many the later one
     gets right that the earlier got wrong (gained), the reverse (lost), and the exact McNemar p-value; the same for
@@ -195,6 +231,10 @@ def build_report(pipe_dir: Path, results: dict, *, data_summary: dict | None = N
            "seconds": seconds, "checks": checks(stages, trans, sound), "transitions": trans}
     if (Path(pipe_dir) / "grpo_paper_reward").is_dir():
         rep["grpo_paper_reward_curve"] = grpo_curve(Path(pipe_dir) / "grpo_paper_reward")
+    rollouts = {n: r for n in ("grpo", "grpo_paper_reward")
+                if (r := rollout_soundness(Path(pipe_dir) / n, Path(pipe_dir) / "rs_sample" / "grpo"))}
+    if rollouts:
+        rep["rollouts"] = rollouts
     return rep
 
 
@@ -230,6 +270,17 @@ def markdown(report: dict, title: str = "urt demo") -> str:
                         for t in TASKS]
             lines.append("| " + " | ".join([n, f"{c['sound_correct']}/{c['n']}", str(c["lucky_correct"]), str(c["wrong"]),
                                              *(str(c["kinds"][k]) for k in kinds), *per_task]) + " |")
+    if report.get("rollouts"):
+        lines += ["", "## What the GRPO reward paid for (training rollouts, chains checked)", "",
+                  "| run | rollouts | correct | sound-correct | positive advantage to the rest | groups with a "
+                  "sound-correct completion | sound-correct, first → last quarter |", "|" + "---|" * 7]
+        for n, r in report["rollouts"].items():
+            pa = r["positive_advantage_not_sound_correct"]
+            f, last = r["first_quarter"], r["last_quarter"]
+            lines.append(f"| {n} | {r['n']} | {r['correct']} | {r['sound_correct']} | "
+                         f"{'–' if pa is None else f'{100 * pa:.0f}%'} | {r['groups_with_sound_correct']}/{r['groups']} | "
+                         f"{_pct(f['sound_correct'] / f['n'] if f['n'] else None)} → "
+                         f"{_pct(last['sound_correct'] / last['n'] if last['n'] else None)}% |")
     lines += ["", "## Checks", ""]
     lines += [f"- {k.replace('_', ' ')}: {'–' if v is None else ('yes' if v else 'NO')}"
               for k, v in report["checks"].items()]
