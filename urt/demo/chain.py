@@ -163,7 +163,7 @@ def _broken(chk: ChainCheck, i: int, line: str) -> None:
     chk.steps.append(Step(i, "broken", False, f"not a chain line: {line[:80]!r}"))
 
 
-def _verdict_steps(i: int, noun: str, k: int, m: re.Match | None, wrong: int, good_word: str, bad_word: str
+def _verdict_steps(i: int, noun: str, k: int, m: re.Match | None, wrong: int, good_word: str
                    ) -> tuple[list[Step], bool | None]:
     """The "so Image k (s/10) matches." tail: its candidate, the score from the number of failed checks, the verdict
     word. Returns its steps and the verdict it states (None: no such tail)."""
@@ -212,8 +212,7 @@ def _check_generation(lines: list[str], task: str, truth: dict, chk: ChainCheck)
             steps.append(Step(i, "reading", want == v, f"{a}: the caption asks {v}, the check says {want}"))
             steps.append(Step(i, "verdict", (yn == "yes") == (got == want), f"{a}: '{got} vs {want} {yn}'"))
             wrong += yn == "no"
-        tail, said = _verdict_steps(i, noun, k, _SO_RE.fullmatch("so " + so) if so else None, wrong,
-                                    "matches", "does not match")
+        tail, said = _verdict_steps(i, noun, k, _SO_RE.fullmatch("so " + so) if so else None, wrong, "matches")
         if said is None:
             chk.steps.extend(tail)
             continue
@@ -274,8 +273,7 @@ def _check_understanding(lines: list[str], truth: dict, chk: ChainCheck) -> list
                  Step(i, "verdict", c[1] == m[2] and c[2] == said_truth and (c[3] == "yes") == (c[1] == c[2]),
                       f"'{c[1]} vs {c[2]} {c[3]}' (the chain's correct answer: {said_truth})")]
         # one check: a fitting answer scores SCORE[0] (10), a wrong one SCORE[3] (1), as the teacher writes them
-        tail, said = _verdict_steps(i, "Answer", k, _SO_RE.fullmatch("so " + so), 3 * (c[3] == "no"),
-                                    "fits", "does not fit")
+        tail, said = _verdict_steps(i, "Answer", k, _SO_RE.fullmatch("so " + so), 3 * (c[3] == "no"), "fits")
         if said is None:
             chk.steps.extend(tail)
             continue
