@@ -281,3 +281,21 @@ def test_report_says_what_the_grpo_reward_paid_for(tmp_path):
     assert (r["n"], r["correct"], r["sound_correct"]) == (3, 2, 1)
     assert r["positive_advantage_not_sound_correct"] == 0.5 and r["groups_with_sound_correct"] == 1
     assert rollout_soundness(tmp_path / "nothing", tmp_path / "rs_sample" / "grpo") is None
+
+
+def test_report_counts_sound_rejection_sampling_traces(tmp_path):
+    """rs_sample/sft holds correct traces only; how many are sound, each checked in the order it was judged in."""
+    from urt.data.shards import write_shards
+    from urt.demo.report import trace_soundness
+
+    def trace(key, label, meta, cot):
+        return Sample(key, "image_generation", label, [_IMG, _IMG], caption="a red circle", meta=meta, cot=cot)
+
+    sw = _gen(swapped=True)  # judged in the swapped order: meta["swapped"], the label as shown
+    write_shards([trace("g#0", 1, _gen(), _think(*GEN_SOUND, answer="Image 1 is better")),
+                  trace("g#1", 1, _gen(), _think(*_with(GEN_SOUND, 0, "The caption asks for a blue circle."),
+                                                 answer="Image 1 is better")),
+                  trace("g#2", 2, sw, _think(sw["describe_swapped"], answer="Image 2 is better"))],
+                 tmp_path / "sft", prefix="t", overwrite=True)
+    assert trace_soundness(tmp_path / "sft") == {"n": 3, "sound": 2, "tasks": {"image_generation": {"n": 3, "sound": 2}}}
+    assert trace_soundness(tmp_path / "none") is None

@@ -9,6 +9,7 @@ report.json::
      "grpo_curve": [{"step": 1, "reward": r, "accuracy": a, "format": f, "chain": c}, ...],
      "grpo_paper_reward_curve": [...],
      "rollouts": {"grpo": R, "grpo_paper_reward": R},   # what each GRPO run's reward paid for (rollout_soundness)
+     "rejection_sampling_data": {"n", "sound", "tasks": {task: {"n", "sound"}}},  # its SFT traces (trace_soundness)
      "vision": {"heldout_before": {...}, "heldout_after": {...}},  # the vision step's attribute heads, if run
      "transitions": {"grpo_vs_rejection_sampling": {"n": 400, "gained": g, "lost": l, "p_value": p,
                                                     "sound_correct": {"n", "gained", "lost", "p_value"}}, ...},
@@ -165,6 +166,24 @@ def rollout_soundness(run_dir: Path, shards: Path) -> dict | None:
             "last_quarter": summary([r for r in rows if r[0] in set(steps[-q:])])}
 
 
+def trace_soundness(shards: Path) -> dict | None:
+    """How many of the traces rejection sampling kept as SFT data (`rs_sample/sft`: correct by construction) are
+    sound, in all and per task; None without the shards."""
+    from urt.data.shards import iter_headers
+    from urt.demo.chain import check_chain
+
+    if not Path(shards).is_dir():
+        return None
+    out: dict = {"n": 0, "sound": 0, "tasks": {}}
+    for _, h in iter_headers(shards, on_error="raise"):
+        ok = check_chain(h.get("cot") or "", h["task"], h["meta"], int(h["label"])).sound  # meta["swapped"]: as shown
+        t = out["tasks"].setdefault(h["task"], {"n": 0, "sound": 0})
+        for d in (out, t):
+            d["n"] += 1
+            d["sound"] += ok
+    return out
+
+
 def transitions(judged: dict[str, list]) -> dict:
     """Stages compared on the same held-out judgements (COMPARISONS, those both evaluated): how many the later one
     gets right that the earlier got wrong (gained), the reverse (lost), and the exact McNemar p-value; the same for
@@ -235,6 +254,9 @@ def build_report(pipe_dir: Path, results: dict, *, data_summary: dict | None = N
                 if (r := rollout_soundness(Path(pipe_dir) / n, Path(pipe_dir) / "rs_sample" / "grpo"))}
     if rollouts:
         rep["rollouts"] = rollouts
+    traces = trace_soundness(Path(pipe_dir) / "rs_sample" / "sft")
+    if traces:
+        rep["rejection_sampling_data"] = traces
     return rep
 
 
@@ -281,6 +303,10 @@ def markdown(report: dict, title: str = "urt demo") -> str:
                          f"{'–' if pa is None else f'{100 * pa:.0f}%'} | {r['groups_with_sound_correct']}/{r['groups']} | "
                          f"{_pct(f['sound_correct'] / f['n'] if f['n'] else None)} → "
                          f"{_pct(last['sound_correct'] / last['n'] if last['n'] else None)}% |")
+    if report.get("rejection_sampling_data"):
+        d = report["rejection_sampling_data"]
+        lines += ["", f"Rejection sampling's SFT traces (all correct): {d['sound']} of {d['n']} sound ("
+                  + ", ".join(f"{t} {v['sound']}/{v['n']}" for t, v in d["tasks"].items()) + ")."]
     lines += ["", "## Checks", ""]
     lines += [f"- {k.replace('_', ' ')}: {'–' if v is None else ('yes' if v else 'NO')}"
               for k, v in report["checks"].items()]
