@@ -7,11 +7,24 @@ import pytest
 from PIL import Image
 
 from urt.data.schema import Sample, Video
-from urt.demo.chain import check_chain, chain_reward
 from urt.demo.data import _understanding_attributes, _with_describe
 from urt.rewards.core import build_rewards, format_reward
 
 _IMG = Image.new("RGB", (28, 28))
+
+
+# urt.demo.chain is imported inside the tests, not at collection: its import registers the `chain` reward, which
+# conftest's registry restore forgets after each test (the registry tests expect the built-in rewards alone)
+def check_chain(*args, **kwargs):
+    from urt.demo.chain import check_chain as f
+
+    return f(*args, **kwargs)
+
+
+def chain_reward(*args, **kwargs):
+    from urt.demo.chain import chain_reward as f
+
+    return f(*args, **kwargs)
 
 
 def _think(*lines: str, answer: str) -> str:
