@@ -13,10 +13,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _restore_reward_registry():
     """Tests register their own rewards (GRPO tests, registry tests); the registry is global, so put it
     back after each test rather than let one test's rewards leak into another's."""
+    import sys
+
     from urt.rewards import REWARDS
 
-    saved = dict(REWARDS)
+    saved, modules = dict(REWARDS), set(sys.modules)
     yield
+    # a module first imported in this test whose import registered rewards (urt.demo.chain) is forgotten with them:
+    # a later `reward.imports` of it would otherwise find it loaded and register nothing
+    for name, fn in REWARDS.items():
+        if name not in saved and fn.__module__ not in modules:
+            sys.modules.pop(fn.__module__, None)
     REWARDS.clear()
     REWARDS.update(saved)
 

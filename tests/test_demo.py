@@ -269,7 +269,9 @@ def test_report_files_and_checks(tmp_path):
     assert rep["seconds"] == {"base": 12.5, "grpo": 12.5}
     assert rep["checks"] == {"rejection_sampling_above_cold_start": True, "grpo_at_or_above_rejection_sampling": True,
                              "format_rate_after_rejection_sampling_at_least_0.95": True,
-                             "final_overall_at_least_0.80": False}
+                             "final_overall_at_least_0.80": False,
+                             "grpo_above_rejection_sampling_mcnemar_p_below_0.05": None,
+                             "grpo_more_sound_correct_than_rejection_sampling": None}
     md = markdown(rep)
     assert "| grpo | 72.0 | 100.0 |" in md and "final overall at least 0.80: NO" in md
     assert "image shape 30.0 -> 90.0" in md
@@ -295,6 +297,13 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     assert set(rep["implicit"]) == set(rep["stages"])
     assert (path.parent / "report.md").is_file() and (path.parent / "report.png").is_file()
     assert len(rep["grpo_curve"]) == 2
+    assert all(r.get("chain") is not None for r in rep["grpo_curve"])  # the demo's GRPO is paid the chain reward
+    # every CoT judgement's chain checked against its sample: sound-correct + lucky-correct is the accuracy
+    assert set(rep["soundness"]) == set(rep["stages"])
+    for name, c in rep["soundness"].items():
+        assert c["n"] == rep["stages"][name]["n"] == sum(c["kinds"].values())
+        assert c["sound_correct"] + c["lucky_correct"] == round(rep["stages"][name]["overall"] * c["n"])
+    assert all("sound_correct" in t for t in rep["transitions"].values())
     # each stage against the one before, on the same judgements: the flips account for the accuracies
     assert list(rep["transitions"]) == ["cold_start_vs_base", "rejection_sampling_vs_cold_start",
                                         "grpo_vs_rejection_sampling"]
@@ -311,6 +320,29 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("finished earlier: skipped") == 9
     assert json.loads(path.read_text())["stages"] == rep["stages"]
+
+
+def test_demo_grpo_pays_the_chain_reward_and_the_ablation_does_not(tmp_path):
+    """The demo's GRPO: format + accuracy + the demo's `chain` reward (registered by reward.imports); the
+    paper_reward preset adds the outcome-only ablation from the same model and data, in the same directory."""
+    from urt.config import compose_config
+    from urt.demo.cli import demo_overrides
+    from urt.pipeline.core import Pipeline
+
+    def pipe(preset):
+        ov = demo_overrides([f"demo={preset}", f"paths.runs={tmp_path}"])
+        return Pipeline(compose_config(ov), ov)
+
+    default, paper = pipe("default"), pipe("paper_reward")
+    assert "grpo_paper_reward" not in default.steps and default.dir == paper.dir
+    g, a = paper.compose("grpo"), paper.compose("grpo_paper_reward")
+    assert dict(g.reward.weights) == {"format": 1.0, "accuracy": 1.0, "chain": 1.0}
+    assert list(g.reward.imports) == ["urt.demo.chain"]
+    assert dict(a.reward.weights) == {"format": 1.0, "accuracy": 1.0} and not a.reward.imports
+    assert (a.model.name_or_path, a.data.train_shards) == (g.model.name_or_path, g.data.train_shards)
+    assert a.trainer.max_steps == g.trainer.max_steps and a.optimizer.lr == g.optimizer.lr
+    assert list(paper.p.eval.after)[-1] == "grpo_paper_reward"
+    assert dict(pipe("smoke").compose("grpo").reward.weights) == dict(g.reward.weights)
 
 
 def test_smoke_preset_trains_each_stage_on_the_default_layout(tmp_path):

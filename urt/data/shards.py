@@ -682,7 +682,7 @@ def make_pipeline(urls, *, shuffle_buffer: int = 0, seed: int = 0, shardshuffle:
     url_list = resolve_shards(urls)
     if not url_list:  # an empty shard set (index.json with no shards) reads as no samples
         empty = _NoSamples()
-        empty.urt_stats = stats if stats is not None else SkipStats()
+        empty.urt_stats = stats if stats is not None else SkipStats()  # as a real pipeline carries (iter_headers)
         return empty
     opts = loading_options(**load_opts)
     guard = _Guard(on_error, stats, expected_counts(url_list))

@@ -60,6 +60,9 @@ def _run(args: argparse.Namespace) -> int:
     console.print(stage_table(shown, title="urt demo: held-out accuracy, CoT mode (%)"))
     if report.get("implicit"):
         console.print(stage_table({"stages": report["implicit"]}, title="implicit (direct answer) mode (%)"))
+    for name, c in (report.get("soundness") or {}).items():  # correct judgements right for the right reasons
+        console.print(f"  {name.replace('_', ' ')}: sound-correct {c['sound_correct']} / lucky-correct "
+                      f"{c['lucky_correct']} of {c['n']} judgements")
     for k, v in report["checks"].items():
         console.print(f"  {k.replace('_', ' ')}: {'-' if v is None else ('yes' if v else 'NO')}")
     for line in transition_lines(report):
