@@ -54,26 +54,38 @@ class Job:
                             code="timeout")
 
 
-class Batcher:
-    """Queue + worker thread around `generate_fn` (default `urt.generation.generate`). `submit()` queues a
-    job (503 when stopping or `max_queue` jobs wait); the job's `done` event is set once it has its
-    completions or its error."""
+class QueueWorker:
+    """A queue and one worker thread that runs batches of queued jobs sharing a key (`batch_key`): the
+    oldest job plus those queued with its key, up to `max_batch`, waiting at most `batch_wait_s` after the
+    oldest arrived for companions. A failing batch is retried one job at a time, so only the culprit gets the
+    error. A job has `enqueued`, `done` (set once it has its result or `error`) and `error`. Subclasses give
+    `batch_key`, `process` (run a batch) and the thread's name; `submit` is theirs (it builds the job)."""
 
-    def __init__(self, bundle, *, max_batch_size: int = 8, batch_wait_s: float = 0.01, max_queue: int = 1024,
-                 seed: int | None = None, generate_fn: Callable | None = None):
-        self.bundle = bundle
-        self.max_batch_size = int(max_batch_size)
+    thread_name = "urt-serve-worker"
+    queued_what = "requests"
+
+    def __init__(self, *, max_batch: int, batch_wait_s: float, max_queue: int):
+        self.max_batch = int(max_batch)
         self.batch_wait_s = float(batch_wait_s)
         self.max_queue = int(max_queue)
-        self.seed = seed
-        self._generate_fn = generate_fn
         self._cond = threading.Condition()
-        self._pending: deque[Job] = deque()
+        self._pending: deque = deque()
         self._running = False
         self._thread: threading.Thread | None = None
         self._stats_lock = threading.Lock()
         self._batch_sizes: deque[int] = deque(maxlen=100_000)  # the most recent ones
         self._batches = 0
+
+    def batch_key(self, job):
+        raise NotImplementedError
+
+    def process(self, batch: list) -> None:
+        """Run one batch, leaving each job's result on it; raise to have the batch retried job by job."""
+        raise NotImplementedError
+
+    def failure(self, err: BaseException) -> BaseException:
+        """The error a job that failed on its own is answered with."""
+        return err
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -81,7 +93,7 @@ class Batcher:
         if self._thread is not None:
             return
         self._running = True
-        self._thread = threading.Thread(target=self._worker, name="urt-serve-worker", daemon=True)
+        self._thread = threading.Thread(target=self._worker, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -99,57 +111,51 @@ class Batcher:
             job.error = RequestError("the server is shutting down", status=503, type="server_error")
             job.done.set()
 
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
     def stats(self) -> dict:
         with self._stats_lock:
             sizes = list(self._batch_sizes)
             batches = self._batches
-        with self._cond:
-            queued = len(self._pending)
         return {"batches": batches, "batch_sizes": sizes, "max_batch_size_seen": max(sizes, default=0),
-                "mean_batch_size": (sum(sizes) / len(sizes)) if sizes else 0.0, "queued": queued}
+                "mean_batch_size": (sum(sizes) / len(sizes)) if sizes else 0.0, "queued": self.queued()}
 
-    def submit(self, encoded, params: SamplingParams, timeout_s: float | None = None) -> Job:
-        job = Job(encoded=encoded, params=params)
-        if timeout_s is not None:
-            job.timeout_s = float(timeout_s)
-            job.deadline = job.enqueued + float(timeout_s)
+    def _enqueue(self, job):
         with self._cond:
             if not self._running:
                 raise RequestError("the server is shutting down", status=503, type="server_error")
             if len(self._pending) >= self.max_queue:
-                raise RequestError(f"the server is overloaded ({self.max_queue} requests queued); retry later",
-                                   status=503, type="server_error", code="overloaded")
+                raise RequestError(f"the server is overloaded ({self.max_queue} {self.queued_what} queued); retry "
+                                   f"later", status=503, type="server_error", code="overloaded")
             self._pending.append(job)
             self._cond.notify_all()
         return job
 
     # ------------------------------------------------------------------------------ worker
 
-    def _take_batch(self) -> list[Job] | None:
-        """Block until a batch is ready: the oldest job plus queued jobs with its sampling params, up to
-        max_batch_size, waiting at most batch_wait_s after the oldest arrived. None when stopping."""
+    def _take_batch(self) -> list | None:
+        """Block until a batch is ready (see the class docstring). None when stopping."""
         with self._cond:
             while not self._pending and self._running:
                 self._cond.wait(0.5)
             if not self._running:
                 return None
-            key = self._pending[0].params.group_key()
+            key = self.batch_key(self._pending[0])
             deadline = self._pending[0].enqueued + self.batch_wait_s
             while self._running:
-                same = sum(1 for j in self._pending if j.params.group_key() == key)
+                same = sum(1 for j in self._pending if self.batch_key(j) == key)
                 left = deadline - time.monotonic()
-                if same >= self.max_batch_size or left <= 0:
+                if same >= self.max_batch or left <= 0:
                     break
                 self._cond.wait(left)
             if not self._running:
                 return None
-            batch: list[Job] = []
-            rest: deque[Job] = deque()
+            batch: list = []
+            rest: deque = deque()
             for j in self._pending:
-                if len(batch) < self.max_batch_size and j.params.group_key() == key:
-                    batch.append(j)
-                else:
-                    rest.append(j)
+                (batch if len(batch) < self.max_batch and self.batch_key(j) == key else rest).append(j)
             self._pending = rest
             return batch
 
@@ -158,22 +164,17 @@ class Batcher:
             try:
                 batch = self._take_batch()
             except Exception:  # noqa: BLE001 - never let the worker die
-                log.exception("urt serve: batching failed")
+                log.exception("urt serve: %s: batching failed", self.thread_name)
                 continue
             if batch is None:
                 return
             self._run(batch)
 
-    def _run(self, batch: list[Job]) -> None:
-        gone = [j for j in batch if j.should_stop()]  # cancelled or out of time while queued: not run at all
-        for job in gone:
-            job.error = job.stopped_error()
-            job.done.set()
-        batch = [j for j in batch if j not in gone]
+    def _run(self, batch: list) -> None:
         if not batch:
             return
         try:
-            self._generate(batch)
+            self.process(batch)
             with self._stats_lock:
                 self._batch_sizes.append(len(batch))
                 self._batches += 1
@@ -182,10 +183,44 @@ class Batcher:
                 for job in batch:
                     self._run([job])
                 return
-            log.warning("urt serve: generation failed: %s: %s", type(err).__name__, err)
+            err = self.failure(err)
+            log.warning("urt serve: %s: %s: %s", self.thread_name, type(err).__name__, err)
             batch[0].error = err
         for job in batch:
             job.done.set()
+
+
+class Batcher(QueueWorker):
+    """Chat requests into `generate_fn` calls (default `urt.generation.generate`): jobs with the same
+    sampling parameters share a call. `submit()` queues a job (503 when stopping or `max_queue` jobs wait);
+    the job's `done` event is set once it has its completions or its error."""
+
+    def __init__(self, bundle, *, max_batch_size: int = 8, batch_wait_s: float = 0.01, max_queue: int = 1024,
+                 seed: int | None = None, generate_fn: Callable | None = None):
+        super().__init__(max_batch=max_batch_size, batch_wait_s=batch_wait_s, max_queue=max_queue)
+        self.bundle = bundle
+        self.seed = seed
+        self._generate_fn = generate_fn
+
+    def submit(self, encoded, params: SamplingParams, timeout_s: float | None = None) -> Job:
+        job = Job(encoded=encoded, params=params)
+        if timeout_s is not None:
+            job.timeout_s = float(timeout_s)
+            job.deadline = job.enqueued + float(timeout_s)
+        return self._enqueue(job)
+
+    def batch_key(self, job: Job):
+        return job.params.group_key()
+
+    def _run(self, batch: list[Job]) -> None:
+        gone = [j for j in batch if j.should_stop()]  # cancelled or out of time while queued: not run at all
+        for job in gone:
+            job.error = job.stopped_error()
+            job.done.set()
+        super()._run([j for j in batch if j not in gone])
+
+    def process(self, batch: list[Job]) -> None:
+        self._generate(batch)
 
     def _generate(self, batch: list[Job]) -> None:
         from urt.generation import Completion, GenerationConfig

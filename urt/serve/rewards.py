@@ -28,20 +28,18 @@ all their pairs in one `Judge.judge_groups` call, each candidate's visual featur
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from urt.errors import UrtError
+from urt.serve.batching import QueueWorker
 from urt.serve.errors import RequestError
 from urt.serve.limits import Limits
 from urt.serve.media import MediaReader, PixelBudget
 from urt.serve.request import parse_sampling
 
-log = logging.getLogger(__name__)
 
 _FIELDS = {"model", "caption", "images", "videos", "question", "answers", "image", "video", "both_orders",
            "pairs_per_candidate", "ties", "mode", "max_tokens", "max_completion_tokens", "temperature", "top_p",
@@ -170,27 +168,24 @@ class RewardJob:
     error: BaseException | None = None
 
 
-class RewardBatcher:
-    """Queue + worker thread judging groups (see the module docstring). `model_lock` serialises the model
-    with the chat batcher; `encode_lock` the processor with the HTTP threads."""
+class RewardBatcher(QueueWorker):
+    """Queue + worker thread judging groups (see the module docstring): groups with the same options share
+    one `judge_groups` call. `model_lock` serialises the model with the chat batcher; `encode_lock` the
+    processor with the HTTP threads."""
+
+    thread_name = "urt-serve-rewards"
+    queued_what = "reward groups"
 
     def __init__(self, bundle, *, model_lock: threading.Lock, encode_lock: threading.Lock, max_groups: int = 8,
                  batch_wait_s: float = 0.01, max_queue: int = 1024, max_prompt_tokens: int | None = None,
                  batch_size: int = 8):
+        super().__init__(max_batch=max_groups, batch_wait_s=batch_wait_s, max_queue=max_queue)
         self.bundle = bundle
         self.model_lock = model_lock
         self.encode_lock = encode_lock
-        self.max_groups = int(max_groups)
-        self.batch_wait_s = float(batch_wait_s)
-        self.max_queue = int(max_queue)
         self.max_prompt_tokens = max_prompt_tokens
         self.batch_size = int(batch_size)
         self._judges: dict[str, Any] = {}
-        self._cond = threading.Condition()
-        self._pending: deque[RewardJob] = deque()
-        self._running = False
-        self._thread: threading.Thread | None = None
-        self.batches: list[int] = []  # groups per judge_groups call (the most recent 10k)
 
     def judge(self, mode: str):
         from urt.judge.core import Judge
@@ -204,93 +199,20 @@ class RewardBatcher:
 
         return Group(**fields)
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._running = True
-        self._thread = threading.Thread(target=self._worker, name="urt-serve-rewards", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self._cond:
-            self._running = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        with self._cond:
-            left = list(self._pending)
-            self._pending.clear()
-        for job in left:
-            job.error = RequestError("the server is shutting down", status=503, type="server_error")
-            job.done.set()
-
-    def queued(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
     def submit(self, group, opts: RewardOptions) -> RewardJob:
-        job = RewardJob(group=group, opts=opts)
-        with self._cond:
-            if not self._running:
-                raise RequestError("the server is shutting down", status=503, type="server_error")
-            if len(self._pending) >= self.max_queue:
-                raise RequestError(f"the server is overloaded ({self.max_queue} reward groups queued); retry later",
-                                   status=503, type="server_error", code="overloaded")
-            self._pending.append(job)
-            self._cond.notify_all()
-        return job
+        return self._enqueue(RewardJob(group=group, opts=opts))
 
-    def _take(self) -> list[RewardJob] | None:
-        with self._cond:
-            while not self._pending and self._running:
-                self._cond.wait(0.5)
-            if not self._running:
-                return None
-            key = self._pending[0].opts.key()
-            deadline = self._pending[0].enqueued + self.batch_wait_s
-            while self._running:
-                same = sum(1 for j in self._pending if j.opts.key() == key)
-                left = deadline - time.monotonic()
-                if same >= self.max_groups or left <= 0:
-                    break
-                self._cond.wait(left)
-            if not self._running:
-                return None
-            batch, rest = [], deque()
-            for j in self._pending:
-                (batch if len(batch) < self.max_groups and j.opts.key() == key else rest).append(j)
-            self._pending = rest
-            return batch
+    def batch_key(self, job: RewardJob):
+        return job.opts.key()
 
-    def _worker(self) -> None:
-        while True:
-            try:
-                batch = self._take()
-            except Exception:  # noqa: BLE001 - never let the worker die
-                log.exception("urt serve: reward batching failed")
-                continue
-            if batch is None:
-                return
-            self._run(batch)
+    def process(self, batch: list[RewardJob]) -> None:
+        for job, res in zip(batch, self._judge(batch)):
+            job.result = res
 
-    def _run(self, batch: list[RewardJob]) -> None:
-        try:
-            results = self._judge(batch)
-            for job, res in zip(batch, results):
-                job.result = res
-            self.batches = (self.batches + [len(batch)])[-10_000:]
-        except Exception as err:  # noqa: BLE001 - answer the requests, keep serving
-            if len(batch) > 1:  # find the culprit; the others still get their answers
-                for job in batch:
-                    self._run([job])
-                return
-            if isinstance(err, UrtError) and not isinstance(err, RequestError):
-                err = RequestError(f"cannot judge this group: {err}", param=batch[0].group.kind)
-            log.warning("urt serve: reward group failed: %s: %s", type(err).__name__, err)
-            batch[0].error = err
-        for job in batch:
-            job.done.set()
+    def failure(self, err: BaseException) -> BaseException:
+        if isinstance(err, UrtError) and not isinstance(err, RequestError):
+            return RequestError(f"cannot judge this group: {err}", param="group")
+        return err
 
     def _judge(self, batch: list[RewardJob]):
         from urt.generation import GenerationConfig

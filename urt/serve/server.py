@@ -134,7 +134,7 @@ class JudgeServer:
 
     @property
     def max_batch_size(self) -> int:
-        return self.batcher.max_batch_size
+        return self.batcher.max_batch
 
     @staticmethod
     def _context_length(bundle) -> int | None:
@@ -214,7 +214,7 @@ class JudgeServer:
             out = dict(self._counts)
         out.update(self.batcher.stats())
         out["in_flight"] = self.concurrency.in_flight()
-        out["reward_batches"] = list(self.rewards_batcher.batches)
+        out["reward_batches"] = self.rewards_batcher.stats()["batch_sizes"]
         out["reward_groups_queued"] = self.rewards_batcher.queued()
         return out
 
