@@ -1,4 +1,4 @@
-# Quick start: `make demo` (the whole method on a CPU, ~13.5 min) and `make test` (sets up .venv on first use).
+# Quick start: `make demo` (the whole method on a CPU, ~10 min) and `make test` (sets up .venv on first use).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
