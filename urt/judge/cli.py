@@ -135,6 +135,18 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge_arguments(p) -> None:
+    """How `urt judge` and `urt rank` build their Judge: video frames, generation, device."""
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames sampled uniformly per video (default: as the model was trained, else 8)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
+
+
 def register_rank(subparsers) -> None:
     p = subparsers.add_parser(
         "rank",
@@ -162,13 +174,7 @@ def register_rank(subparsers) -> None:
                    help="a missing / undecodable file: skip its group (default), drop the candidate, or fail")
     p.add_argument("--groups-per-batch", type=int, default=4, help="groups whose pairs are judged together")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per generate call (default 8)")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
+    _judge_arguments(p)
     p.add_argument("--no-text", action="store_true", help="leave the verdicts' chains of thought out of the output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_rank)
@@ -194,14 +200,7 @@ def register(subparsers) -> None:
     p.add_argument("--answer2", help="candidate answer 2")
     p.add_argument("--image", help="the image the question is about")
     p.add_argument("--video", help="the video the question is about")
-    p.add_argument("--frames", type=int, default=None,
-                   help="frames sampled uniformly per video (default: as the model was trained, else 8)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget (default 1024)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, help="auto (default), bfloat16, float16, float32")
+    _judge_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the rich report")
     p.set_defaults(func=_run)
     register_rank(subparsers)
