@@ -1,17 +1,20 @@
 """The sharded strategy (trainer=fsdp_cpu: FSDP2 over gloo on 2 CPU processes, fp32) computes what one
 process computes on the same global batch, and its checkpoints resume exactly.
 
-- SFT (activation checkpointing on): 2 steps, then a fresh fit resumed from the sharded checkpoint folder
-  for a third: every step's loss, full gradient (gathered from the shards) and the final weights equal one
-  process's to 1e-6; the gathered hf/ export is a plain transformers folder whose logits equal the
-  one-process model's; rank 0's bytes of parameters, gradients and AdamW state are the memory plan's.
+- SFT (activation checkpointing on), shards on the device and CPU-offloaded (trainer.strategy.cpu_offload:
+  FSDP2's CPUOffloadPolicy, the optimizer stepping on host shards): 2 steps, then a fresh fit resumed from
+  the sharded checkpoint folder for a third: every step's loss, full gradient (gathered from the shards) and
+  the final weights equal one process's to 1e-6; the gathered hf/ export is a plain transformers folder
+  whose logits equal the one-process model's; rank 0's bytes of parameters, gradients and AdamW state are
+  the memory plan's (offloaded: all of them the plan's host bytes).
 - GRPO (canned rollouts, as tests/test_ddp.py): μ = 2 with clipping on images (qwen2_5_vl), μ = 1 on
   video (qwen3_vl) with a rank that keeps no sequence (so the ranks' forward counts differ and the padding
   passes keep them in lockstep): gradients, losses, updated weights equal one process's; resume repeats the
   uninterrupted run's losses and rewards.
 - Negative control: a non-finite loss on one rank stops both at that micro-batch (no hang, no step).
 - Generation from the sharded policy (one layer gathered at a time, ranks with different prompt counts in
-  lockstep) samples what the full model samples with the same seed.
+  lockstep), from an unsharded copy and from a sharded copy filled from an offloaded policy's shards
+  (rollout_weights=copy / shard) samples what the full model samples with the same seed.
 
 The 2-process machinery is tests/test_ddp.py's.
 """
@@ -79,7 +82,11 @@ def _max_diff(a: list[dict], b: list[dict]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ SFT
-def _sft_worker(rank: int, root: str, shards: str, out: str) -> None:
+SFT_CASES = {"device": (), "offload": ("trainer.strategy.cpu_offload=true",)}
+
+
+def _sft_worker(rank: int, root: str, shards: str, out: str, case: str) -> None:
+    from urt.models.fsdp import is_sharded
     from urt.stages.base import HFExport
     from urt.train import train
 
@@ -88,8 +95,11 @@ def _sft_worker(rank: int, root: str, shards: str, out: str) -> None:
     probe = {}
     for steps in (2, 3):  # 2 steps, then resumed from checkpoints/last.ckpt (a folder of shards) for a third
         cb = MemoryProbe(dump)
-        train(_sft_cfg(Path(root), shards, "fsdp", steps, "trainer=fsdp_cpu", "model.gradient_checkpointing=true"),
-              callbacks=[cb])
+        train(_sft_cfg(Path(root), shards, "fsdp", steps, "trainer=fsdp_cpu", "model.gradient_checkpointing=true",
+                       *SFT_CASES[case]), callbacks=[cb])
+        model = cb.module.model
+        policy = model._get_fsdp_state()._fsdp_param_group.offload_policy if is_sharded(model) else None
+        assert type(policy).__name__ == ("CPUOffloadPolicy" if case == "offload" else "OffloadPolicy"), policy
         losses += cb.losses
         probe = probe or cb.bytes
         export = next(c for c in cb.module.trainer.callbacks if isinstance(c, HFExport))
@@ -98,7 +108,8 @@ def _sft_worker(rank: int, root: str, shards: str, out: str) -> None:
     torch.save({"losses": losses, "written": written, "bytes": probe}, Path(out) / f"fsdp-sft-rank{rank}-info.pt")
 
 
-def test_fsdp_sft_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("case", sorted(SFT_CASES))
+def test_fsdp_sft_two_processes_equal_one(tmp_path, case):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
@@ -108,7 +119,7 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path):
     one = GradDump(tmp_path / "sft-one.pt")
     train(_sft_cfg(tmp_path, shards, "one", 3, "trainer=cpu", "model.gradient_checkpointing=true"), callbacks=[one])
 
-    run_two_processes(_sft_worker, str(tmp_path), shards, str(tmp_path))
+    run_two_processes(_sft_worker, str(tmp_path), shards, str(tmp_path), case)
     info = [torch.load(tmp_path / f"fsdp-sft-rank{r}-info.pt") for r in (0, 1)]
     ranks = [torch.load(tmp_path / f"fsdp-sft-rank{r}.pt") for r in (0, 1)]
     # one process: 2 accumulated micro-batches, each loss already / 2; 2 ranks: the mean of their losses
@@ -139,10 +150,13 @@ def test_fsdp_sft_two_processes_equal_one(tmp_path):
     # the memory plan counts rank 0's shards exactly (parameters, gradients, AdamW state)
     from urt.plan import plan_config
 
-    plan = plan_config(_sft_cfg(tmp_path, shards, "plan", 3, "trainer=fsdp_cpu"), "sft", 80 << 30)
-    assert plan.setting.strategy == "fsdp" and plan.setting.world == 2
+    plan = plan_config(_sft_cfg(tmp_path, shards, "plan", 3, "trainer=fsdp_cpu", *SFT_CASES[case]), "sft", 80 << 30)
+    assert plan.setting.strategy == "fsdp" and plan.setting.world == 2 and plan.setting.offload == (case == "offload")
     assert info[0]["bytes"] == {"weights": plan.weights, "gradients": plan.gradients, "optimizer": plan.optimizer}
-    print(f"fsdp sft: max|dloss|={max(abs(a - b) for a, b in zip(one_steps, two_steps)):.2e} "
+    # offloaded: every trained shard, its gradient and AdamW state are host bytes (the frozen tower is not)
+    frozen_tower = plan.weights - plan.gradients  # fp32 throughout here: trained weights = their gradients
+    assert plan.host == (plan.weights - frozen_tower + plan.gradients + plan.optimizer if case == "offload" else 0)
+    print(f"fsdp sft {case}: max|dloss|={max(abs(a - b) for a, b in zip(one_steps, two_steps)):.2e} "
           f"max|dgrad|={d_grad:.2e} max|dweight|={d_w:.2e} max|dlogits|={d_logits:.2e}")
 
 
@@ -183,6 +197,13 @@ GRPO_CASES = {  # model, media, prompts, plan (completions per prompt key), over
                                      ["stage.micro_batch_size=2", "stage.num_mini_batches=2",
                                       "stage.loss.aggregation=token", "stage.loss.beta=0.04", "stage.collate=padded",
                                       "stage.rollout_weights=copy"]),
+    # the policy CPU-offloaded (its shards, gradients and AdamW state on the host; what fits 32B on 8 GPUs),
+    # the reference a skeleton filled from the policy's shards, rollout_weights=auto -> a sharded generation
+    # copy refreshed shard by shard; μ = 2. trainer.strategy.* applies to the sharded run only
+    "image_offload": ("tiny_qwen2_5_vl", "image", 4,
+                      {"p-0": "distinct", "p-1": "distinct", "p-2": "short", "p-3": "distinct"},
+                      ["stage.num_iterations=2", "stage.loss.beta=0.04", "stage.micro_batch_size=2",
+                       "trainer.strategy.cpu_offload=true"]),
 }
 
 
@@ -193,24 +214,30 @@ def _grpo_cfg(root: Path, shards: str, name: str, model: str, *overrides):
                 *overrides)
 
 
-def _grpo_worker(rank: int, root: str, shards: str, case: str, out: str) -> None:
+def _grpo_worker(rank: int, root: str, shards: str, case: str, out: str, run: str = "fsdp", *extra: str) -> None:
     import urt.generation
     from test_ddp import _canned_generate
     from urt.train import train
 
     model, _, n, plan, overrides = GRPO_CASES[case]
+    overrides = [*overrides, *extra]
     urt.generation.generate = _canned_generate(plan)  # this process's monkeypatch
-    dump = FullGradDump(Path(out) / f"fsdp-grpo-rank{rank}.pt")
+    dump = FullGradDump(Path(out) / f"{run}-grpo-rank{rank}.pt")
     losses = []
     mu = 2 if "stage.num_iterations=2" in overrides else 1
     # 2 prompts per rank and step; resume case: stopped after the first rollout step (μ optimizer steps)
     stops = [f"trainer.max_steps={mu}", "trainer.max_steps=-1"] if n == 8 else ["trainer.max_steps=-1"]
     for stop in stops:
         cb = FullGradDump(dump.path)
-        train(_grpo_cfg(Path(root), shards, "fsdp", model, "trainer=fsdp_cpu", "data.batch_size=2",
+        train(_grpo_cfg(Path(root), shards, run, model, "trainer=fsdp_cpu", "data.batch_size=2",
                         "trainer.max_epochs=1", stop, *overrides), callbacks=[cb])
         losses += cb.losses
-    torch.save({"losses": losses, "steps": cb.module.rollout_step}, Path(out) / f"fsdp-grpo-rank{rank}-info.pt")
+    module = cb.module
+    offload = overrides.count("trainer.strategy.cpu_offload=true") > overrides.count("trainer.strategy.cpu_offload=false")
+    # what the run generated from: auto -> a sharded copy when offloaded, else the policy itself
+    assert module.rollout_mode == ("shard" if offload else "copy" if "stage.rollout_weights=copy" in overrides
+                                   else "gather")
+    torch.save({"losses": losses, "steps": module.rollout_step}, Path(out) / f"{run}-grpo-rank{rank}-info.pt")
 
 
 @pytest.mark.parametrize("case", sorted(GRPO_CASES))
@@ -227,7 +254,8 @@ def test_fsdp_grpo_two_processes_equal_one(tmp_path, monkeypatch, case):
     monkeypatch.setattr(urt.generation, "generate", _canned_generate(plan))
     one = GradDump(tmp_path / "grpo-one.pt")
     train(_grpo_cfg(tmp_path, shards, "one", model, "trainer=cpu", "data.batch_size=4", "trainer.max_epochs=1",
-                    "trainer.max_steps=-1", *overrides), callbacks=[one])
+                    "trainer.max_steps=-1", *[o for o in overrides if not o.startswith("trainer.strategy.")]),
+          callbacks=[one])
     assert one.module.rollout_step == n // 4
 
     run_two_processes(_grpo_worker, str(tmp_path), shards, case, str(tmp_path))
@@ -253,7 +281,20 @@ def test_fsdp_grpo_two_processes_equal_one(tmp_path, monkeypatch, case):
     # ~lr x 1e-2. Every other element agrees to 1e-6.
     d_w = max(float((a[k] - b[k]).abs().max()) for k in a)
     off = sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) for k in a)
-    assert d_w < 1e-5 and off <= 1e-4 * sum(v.numel() for v in a.values()), (d_w, off)
+    where = sorted({k for k in a if float((a[k] - b[k]).abs().max()) > 1e-6})
+    if case == "image_offload":
+        # CPU offload changes where the shards live, not what is computed: the same sharded run with the
+        # shards on the device gives bit-identical losses, gradients and weights (here the few
+        # AdamW-amplified elements above reach 1.3e-5 against one process, in both sharded runs alike)
+        run_two_processes(_grpo_worker, str(tmp_path), shards, case, str(tmp_path), "device",
+                          "trainer.strategy.cpu_offload=false")
+        dev = load_file(tmp_path / "runs" / "device" / "hf" / "final" / "model.safetensors")
+        assert all(torch.equal(dev[k], b[k]) for k in b)
+        assert torch.load(tmp_path / "device-grpo-rank0-info.pt")["losses"] == info[0]["losses"]
+        assert _max_diff(torch.load(tmp_path / "device-grpo-rank0.pt"), ranks[0]) == 0
+        assert off <= 1e-4 * sum(v.numel() for v in a.values()), (d_w, off, where)
+    else:
+        assert d_w < 1e-5 and off <= 1e-4 * sum(v.numel() for v in a.values()), (d_w, off, where)
     print(f"fsdp grpo {case}: max|dloss|={d_loss:.2e} max|dgrad|={d_grad:.2e} max|dweight|={d_w:.2e} "
           f"({off} elements > 1e-6)")
 
@@ -270,7 +311,8 @@ def _generate_worker(rank: int, out: str) -> None:
     import dataclasses
     import time
 
-    from urt.models.fsdp import generation_copy, is_sharded, refresh_generation_copy, shard_model
+    from urt.models.fsdp import (frozen_skeleton, generation_copy, is_sharded, materialize_from,
+                                 refresh_generation_copy, refresh_sharded_copy, shard_model)
     from urt.models import load_model
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -281,8 +323,30 @@ def _generate_worker(rank: int, out: str) -> None:
     with torch.no_grad():
         for p in gen_copy.parameters():
             p.zero_()  # stale weights: the refresh must bring the policy's
-    shard_model(bundle.model, "qwen2_5_vl", init_device_mesh("cpu", (2,)), param_dtype=None, reduce_dtype=None)
+    skeleton = frozen_skeleton(bundle.model)  # rollout_weights=shard: made before sharding, no memory
+    assert all(p.is_meta for p in skeleton.parameters())
+    mesh = init_device_mesh("cpu", (2,))
+    # the policy offloaded (CPUOffloadPolicy): the sharded copy is what decodes, filled from its shards
+    shard_model(bundle.model, "qwen2_5_vl", mesh, param_dtype=None, reduce_dtype=None, offload=True)
+    shard_model(skeleton, "qwen2_5_vl", mesh, param_dtype=None, reduce_dtype=None, offload=True)
+    materialize_from(skeleton, bundle.model, "cpu")
     assert is_sharded(bundle.model) and not is_sharded(full.model)
+    with torch.no_grad():
+        for p in skeleton.parameters():
+            if not p.requires_grad and type(p).__name__ == "DTensor":
+                p.to_local().zero_()  # stale shards: the refresh must bring the policy's
+    refresh_sharded_copy(skeleton, bundle.model)
+    # on a GPU the copy (and GRPO's reference) is bf16: each rank's shard is its fp32 shard rounded, buffers
+    # (rotary inv_freq) and the replicated tower copied whole
+    half = frozen_skeleton(full.model)
+    shard_model(half, "qwen2_5_vl", mesh, param_dtype="bf16", reduce_dtype=None)
+    materialize_from(half, bundle.model, "cpu")
+    src = dict(bundle.model.named_parameters())
+    for name, q in half.named_parameters():
+        local = lambda t: t.to_local() if type(t).__name__ == "DTensor" else t  # noqa: E731
+        assert q.dtype == torch.bfloat16 and torch.equal(local(q), local(src[name]).detach().to(torch.bfloat16)), name
+    bufs = dict(bundle.model.named_buffers())
+    assert all(torch.equal(b, bufs[n].to(b.dtype)) for n, b in half.named_buffers())
     enc = SampleEncoder(bundle.processor, "qwen2_5_vl", mode="prompt")
     ps = [enc(s) for s in four_task_samples(video_data=False)]
     # rank 0: 3 prompts (2 generate calls of 2), rank 1: 1 prompt (1 call, then a padding call)
@@ -295,9 +359,11 @@ def _generate_worker(rank: int, out: str) -> None:
     refresh_generation_copy(gen_copy, bundle.model)
     copied = generate(dataclasses.replace(bundle, model=gen_copy), mine, dataclasses.replace(cfg, lockstep=False))
     t2 = time.perf_counter()
+    shard_copy = generate(dataclasses.replace(bundle, model=skeleton), mine, cfg, pad_prompt=ps[0])
     reference = generate(full, mine, dataclasses.replace(cfg, lockstep=False))
     ids = lambda gs: [[list(c.ids) for c in g] for g in gs]  # noqa: E731
-    torch.save({"sharded": ids(sharded), "copy": ids(copied), "full": ids(reference), "seconds": (t1 - t0, t2 - t1),
+    torch.save({"sharded": ids(sharded), "copy": ids(copied), "full": ids(reference), "shard": ids(shard_copy),
+                "seconds": (t1 - t0, t2 - t1),
                 "copy_bytes": sum(p.numel() * p.element_size() for p in gen_copy.parameters())},
                Path(out) / f"gen-rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -312,7 +378,7 @@ def test_generation_from_the_sharded_policy_equals_the_full_model(tmp_path):
     for r in (0, 1):
         got = torch.load(tmp_path / f"gen-rank{r}.pt")
         assert len(got["sharded"]) == (3 if r == 0 else 1)
-        assert got["sharded"] == got["full"] == got["copy"]
+        assert got["sharded"] == got["full"] == got["copy"] == got["shard"]
         assert any(g[0] != g[1] for g in got["sharded"])  # really sampled
         print(f"rank {r}: gather {got['seconds'][0]:.2f} s, refresh + copy {got['seconds'][1]:.2f} s, "
               f"copy {got['copy_bytes'] / 2**20:.1f} MiB")

@@ -1,5 +1,5 @@
 """The memory plan (urt.plan): exact bytes for what can be counted, the released recipes fit 8x80 GB (the
-32B/27B ones over 2 nodes), and a stage that cannot fit stops before its model is loaded.
+32B/27B ones with CPU offload), and a stage that cannot fit stops before its model is loaded.
 
 The sharded per-rank counts are checked against rank 0's shards in tests/test_fsdp.py (the SFT run)."""
 
@@ -57,15 +57,51 @@ def test_plan_counts_weights_gradients_and_optimizer_state_exactly(family):
 
 @pytest.mark.parametrize("size", PIPELINES)
 def test_every_released_recipe_fits_8x80gb(size):
-    """Every training stage of each released size's pipeline fits 80 GB per GPU under its shipped defaults
-    (8 GPUs; the 32B and 27B recipes 2 nodes of 8), planned offline from the shipped configs."""
+    """Every training stage of each released size's pipeline fits 80 GB per GPU on 8 GPUs under its shipped
+    defaults (the 32B and 27B recipes with their fp32 state offloaded to host memory), planned offline from
+    the shipped configs; GRPO's 128 prompts per rollout step (8 ranks x 16)."""
     plans = _plans([f"experiment=paper/{size}/pipeline"])
     assert [p.label for p in plans] == ["cold_start", "rejection_sampling", "grpo"]
+    big = size in ("qwen3_vl_32b", "qwen3_5_27b")
     for p in plans:
         assert p.setting.strategy == "fsdp" and p.fits, (p.label, p.peak / 2 ** 30)
-        assert p.setting.world == (16 if size in ("qwen3_vl_32b", "qwen3_5_27b") else 8)
+        assert p.setting.world == 8 and p.setting.offload == big
+        # offloaded: the fp32 shards, gradients and AdamW state are host bytes, not GPU bytes
+        assert (p.host > 0) == big
+        if big:
+            assert p.static == p.weights + p.gradients + p.optimizer + p.reference - p.host < 20 << 30
+            assert p.host > p.gradients + p.optimizer
     grpo = plans[-1]
     assert grpo.setting.reference and grpo.reference > 0 and grpo.kv_cache > 0
+    assert grpo.setting.rollout_mode == ("shard" if big else "gather")
+
+
+def test_without_offload_32b_does_not_fit_8_gpus_and_the_plan_names_offload():
+    """Negative control: the 32B recipe with cpu_offload off does not fit 8 x 80 GB (its fp32 state alone is
+    ~61 GiB per rank) and the plan names the override that fits; on 2 nodes of 8 it fits without, with 2
+    prompts per generate call instead of 4."""
+    from urt.plan import table
+
+    plans = _plans(["experiment=paper/qwen3_vl_32b/pipeline", "pipeline.cpu_offload=false"])
+    assert not any(p.setting.offload for p in plans) and not all(p.fits for p in plans)
+    bad = [p for p in plans if not p.fits]
+    assert all(p.alternatives and p.alternatives[0].setting.offload for p in bad)
+    assert "trainer.strategy.cpu_offload=true" in table(plans)
+    sft, _, grpo = _plans(["experiment=paper/qwen3_vl_32b/pipeline", "pipeline.cpu_offload=false", "trainer.num_nodes=2"])
+    assert sft.fits and sft.setting.world == 16 and not grpo.fits  # 4 prompts per generate call: offload's
+    alt = grpo.alternatives[0].setting
+    assert (alt.world, alt.offload, alt.gen_batch) == (16, False, 2)
+
+
+def test_offload_strategy_settings():
+    """trainer.strategy.cpu_offload: NCCL gets a gloo backend beside it for host tensors; the GRPO rollout
+    weights `auto` resolve to a sharded copy when offloaded."""
+    from urt.stages.sharded import ShardedStrategy
+
+    assert ShardedStrategy(cpu_offload=True, process_group_backend="nccl").process_group_backend == \
+        "cuda:nccl,cpu:gloo"
+    assert ShardedStrategy(process_group_backend="nccl").process_group_backend == "nccl"
+    assert ShardedStrategy(cpu_offload=True, process_group_backend="gloo").process_group_backend == "gloo"
 
 
 def test_ddp_7b_does_not_fit_and_the_plan_names_fsdp():
@@ -98,7 +134,8 @@ def test_pipeline_steps_are_planned_as_the_pipeline_composes_them():
             a.pop("run_dir", None), b.pop("run_dir", None), a.pop("train_shards", None), b.pop("train_shards", None)
             assert a == b, (label, key)
         assert base == "Qwen/Qwen3-VL-32B-Instruct"
-    assert c.data.batch_size == 8 and c.stage.generation_batch_size == 2 and c.trainer.gradient_clip_val == 0.5
+    assert c.data.batch_size == 16 and c.stage.generation_batch_size == 4 and c.trainer.gradient_clip_val == 0.5
+    assert c.trainer.strategy.cpu_offload is True and c.stage.rollout_weights == "auto"
 
 
 def test_a_stage_that_cannot_fit_stops_before_loading(monkeypatch):

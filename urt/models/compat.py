@@ -48,10 +48,21 @@ def cache_kwarg() -> str:
 
 
 def model_device(model) -> torch.device:
+    """Where `model` computes: its first parameter's device, except that an FSDP2 shard kept in host memory
+    (CPU offload) computes on its mesh's accelerator."""
     try:
-        return next(model.parameters()).device
+        p = next(model.parameters())
     except StopIteration:  # pragma: no cover - a model without parameters
         return torch.device("cpu")
+    return compute_device(p)
+
+
+def compute_device(p: torch.Tensor) -> torch.device:
+    """The device a parameter computes on (see `model_device`)."""
+    mesh = getattr(p, "device_mesh", None)
+    if mesh is not None and p.device.type != mesh.device_type:
+        return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+    return p.device
 
 
 def model_dtype(model) -> torch.dtype:

@@ -18,6 +18,13 @@ rank must then run the same number of visual passes (SFT batches of one medium k
 
 **Activation checkpointing** is transformers' own per decoder layer (`model.gradient_checkpointing=true`,
 non-reentrant), which composes with FSDP2: the recomputed forward all-gathers the unit again.
+
+**CPU offload** (`offload=True`, trainer.strategy.cpu_offload): a trained model's fp32 shards, their
+gradients and hence the AdamW state live in host memory (FSDP2's `CPUOffloadPolicy`); a unit's shard is
+copied to the accelerator for its forward/backward and its reduced gradient copied back, and the optimizer
+steps on the CPU. 12-16 bytes per parameter leave the GPU, which is what fits a 27-32B model on 8 x 80 GB.
+Frozen models (GRPO's reference, a generation copy) are never offloaded: they compute every pass and are
+bf16 already.
 """
 
 from __future__ import annotations
@@ -62,10 +69,12 @@ def replicated_parameters(model: torch.nn.Module, family: str) -> tuple[list[tor
 
 
 def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str | None = "bf16",
-                reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> torch.nn.Module:
+                reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True,
+                offload: bool = False) -> torch.nn.Module:
     """Apply FSDP2 to `model` in place (see the module docstring) over the 1-D data-parallel `mesh`;
-    returns it. A model already sharded is returned as it is."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    returns it. A model already sharded is returned as it is. `offload`: a model with trained parameters
+    keeps its shards (and gradients) in host memory; a frozen one ignores it."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if is_sharded(model):
         return model
@@ -84,7 +93,10 @@ def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str |
         for p in (model.parameters() if frozen else ignored):
             p.data = p.data.to(pdt)
     mp = MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=dtype_of(reduce_dtype))
-    opts = dict(mesh=mesh, mp_policy=mp, ignored_params=set(ignored) or None)
+    trained = any(p.requires_grad for p in model.parameters())
+    # pinned host memory makes the per-unit copies asynchronous; there is nothing to pin for on a CPU mesh
+    policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload and trained else OffloadPolicy()
+    opts = dict(mesh=mesh, mp_policy=mp, offload_policy=policy, ignored_params=set(ignored) or None)
     for block in (vision if train_vision else []):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **opts)
     for layer in decoder:
@@ -92,6 +104,29 @@ def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str |
     # the root's parameters (embeddings, norm, head) are gathered for the whole forward anyway
     fully_shard(model, reshard_after_forward=reshard_after_forward, **opts)
     return model
+
+
+def is_offloaded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded with its shards in host memory (`shard_model(offload=True)`)."""
+    from torch.distributed.tensor import DTensor
+
+    return is_sharded(model) and any(isinstance(p, DTensor) and p.device.type == "cpu" != p.device_mesh.device_type
+                                     for p in model.parameters())
+
+
+def place_unsharded(model: torch.nn.Module, device) -> None:
+    """Move what FSDP2 does not manage (buffers, the replicated frozen tower) to `device`, leaving the
+    shards where they are: an offloaded model's `.to(device)` would pull its host shards onto the GPU."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not isinstance(p, DTensor) and p.device != torch.device(device):
+                    p.data = p.data.to(device)
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None:
+                    module._buffers[name] = b.to(device)
 
 
 def freeze_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -147,9 +182,9 @@ class plain_class:
 
 
 def generation_copy(model: torch.nn.Module, dtype: str | None = "bf16") -> torch.nn.Module:
-    """A frozen, unsharded copy of `model` (before it is sharded) in `dtype` for generating rollouts without
-    collectives: 2 bytes per parameter on every rank (bf16), refreshed from the shards by
-    `refresh_generation_copy` (the alternative to gathering one layer at a time during generation)."""
+    """A frozen, unsharded copy of `model` (made before it is sharded) in `dtype` for generating rollouts
+    without collectives (rollout_weights=copy): 2 bytes per parameter on every rank (bf16), refreshed from the
+    shards by `refresh_generation_copy` (the alternative to gathering one layer at a time during generation)."""
     import copy
 
     out = copy.deepcopy(model).eval().requires_grad_(False)
@@ -160,6 +195,31 @@ def generation_copy(model: torch.nn.Module, dtype: str | None = "bf16") -> torch
     return out
 
 
+def frozen_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of `model`'s structure and buffers whose parameters are on the meta device (no
+    memory): made before `model` is sharded, sharded like it, then given its values from the sharded model
+    by `materialize_from` (each rank copies its own shards). GRPO's reference and the sharded generation
+    copy are built so under the sharded strategy: no rank ever holds a second full copy of the weights in
+    host memory (a deep copy of a 32B fp32 model is 133 GB per rank)."""
+    import copy
+
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def materialize_from(skeleton: torch.nn.Module, sharded: torch.nn.Module, device) -> None:
+    """Allocate a sharded `frozen_skeleton` on `device` and fill it with `sharded`'s current values: its
+    shards rank by rank (`refresh_sharded_copy`, no collective), its replicated parameters and buffers
+    whole."""
+    skeleton.to_empty(device=device)
+    refresh_sharded_copy(skeleton, sharded, replicated=True)
+    mine = dict(sharded.named_buffers())
+    for name, b in skeleton.named_buffers():
+        b.copy_(mine[name].to(b.device, b.dtype))
+
+
 @torch.no_grad()
 def refresh_generation_copy(copy: torch.nn.Module, sharded: torch.nn.Module) -> None:
     """Overwrite `copy`'s weights with the sharded model's current ones, one parameter gathered at a time (a
@@ -167,3 +227,24 @@ def refresh_generation_copy(copy: torch.nn.Module, sharded: torch.nn.Module) -> 
     mine = dict(sharded.named_parameters())
     for name, p in copy.named_parameters():
         p.copy_(full_tensor(mine[name].detach()).to(p.device, p.dtype))
+
+
+@torch.no_grad()
+def refresh_sharded_copy(copy: torch.nn.Module, sharded: torch.nn.Module, replicated: bool = False) -> None:
+    """Overwrite a sharded copy's shards with the sharded model's current ones: both are sharded over the
+    same mesh with the same units, so each rank copies its own shard (host to accelerator for an offloaded
+    model, cast to the copy's dtype) and no collective runs. The replicated (frozen, never trained)
+    parameters are copied only with `replicated`."""
+    from torch.distributed.tensor import DTensor
+
+    mine = dict(sharded.named_parameters())
+    for name, p in copy.named_parameters():
+        src = mine[name]
+        if not replicated and not isinstance(p, DTensor) and not src.requires_grad:
+            continue
+        if isinstance(p, DTensor) != isinstance(src, DTensor) or \
+                (isinstance(p, DTensor) and (p.placements != src.placements or p.shape != src.shape)):
+            raise UrtError(f"sharded generation copy: {name} is not sharded like the policy's "
+                           f"({type(p).__name__} vs {type(src).__name__}); shard both with the same units")
+        dst, val = (p.to_local(), src.to_local()) if isinstance(p, DTensor) else (p, src)
+        dst.copy_(val.detach().to(dst.device, dst.dtype, non_blocking=True))

@@ -96,6 +96,10 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
     world = world_of(cfg.trainer, gpus)
     if world == 1:
         strategy = "single"
+    trainer_strategy = cfg.trainer.get("strategy")
+    offload = strategy == "fsdp" and isinstance(trainer_strategy, DictConfig) and \
+        bool(trainer_strategy.get("cpu_offload", False))
+    per_node = world // int(cfg.trainer.get("num_nodes", 1) or 1)
     master = _master_bytes(cfg.model, config)
     compute = _compute_bytes(cfg, strategy, master)
     ckpt = bool(cfg.model.get("gradient_checkpointing", False))
@@ -111,11 +115,11 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
         return Setting("grpo", strategy, world, master, compute, ckpt, int(st.get("micro_batch_size", 8)),
                        prompt + new, new, reference=uses_ref, generations=int(st.get("num_generations", 8)),
                        gen_batch=int(st.get("generation_batch_size", 8)), gen_len=prompt + new,
-                       gen_copy=strategy == "fsdp" and str(st.get("rollout_weights", "gather")) == "copy")
+                       rollout=str(st.get("rollout_weights", "auto")), offload=offload, ranks_per_node=per_node)
     from urt.plan.memory import SFT_PREDICTED
 
     return Setting(stage, strategy, world, master, compute, ckpt, int(cfg.data.get("batch_size", 1)), max_length,
-                   min(max_length, SFT_PREDICTED))
+                   min(max_length, SFT_PREDICTED), offload=offload, ranks_per_node=per_node)
 
 
 def plan_config(cfg: DictConfig, label: str, gpu_bytes: int, gpus: int | None = None,

@@ -8,15 +8,19 @@ The formula (docs/scaling.md writes it out with the numbers of each released siz
     reference    GRPO with a KL term: DDP a deep copy (every parameter x m); FSDP2 shards x c
     transient    FSDP2: the root unit (embeddings, head) + 2 decoder layers gathered in c, and one layer's
                  unsharded gradients (c) and their fp32 reduce-scatter buffer (GRPO rollout_weights=copy: every
-                 parameter x c instead, all step long); DDP generation under autocast: its cache of c copies
-                 of every weight
+                 parameter x c, all step long; =shard: the shards x c, all step long); DDP generation under
+                 autocast: its cache of c copies of every weight
+    host         FSDP2 with CPU offload: the trained model's shards (m), gradients and optimizer state live in
+                 host memory, not on the GPU (they are still listed under weights / gradients / optimizer);
+                 the GPU keeps the frozen replicated tower and a staging copy (m) of the units being gathered
+    host at load every rank reads the whole model (every parameter x m) into host memory before it is sharded
     activations  T = micro-batch x sequence tokens; per decoder layer and token c x (4h + 2 q + 2 kv + 4 i)
                  elements; checkpointed: L x T x h x c (each layer's input) + one layer's; plus the logits of
                  the predicted positions, micro-batch x predicted x vocab x (c + 4 + 4) (fp32 log-softmax and
                  its gradient)
     KV cache     GRPO generation: batch x G x (prompt + max_new_tokens) x attention layers x 2 x kv heads x
                  head dim x c (+ Qwen3.5's linear-attention states: fp32 value-head x key x value per layer)
-    peak         weights + gradients + optimizer + reference + max(training pass, generation) + reserve
+    peak         weights + gradients + optimizer + reference - host + max(training pass, generation) + reserve
 
 m: bytes of a master weight (model.dtype: float32 4, bf16 2), c: of the compute dtype (bf16 2 under
 bf16-mixed / FSDP2 param_dtype bf16). The reserve (3 GiB on a GPU) covers the CUDA context, NCCL buffers and
@@ -55,12 +59,23 @@ class Setting:
     generations: int = 0  # G (GRPO)
     gen_batch: int = 0  # prompts per generate call
     gen_len: int = 0  # prompt + max_new_tokens
-    gen_copy: bool = False  # FSDP2 GRPO with stage.rollout_weights=copy: an unsharded c copy per rank
+    rollout: str = "auto"  # GRPO's stage.rollout_weights (auto | gather | copy | shard)
+    offload: bool = False  # FSDP2 with trainer.strategy.cpu_offload
+    ranks_per_node: int = 0  # for the host memory per node (0: world)
     reserve: int = RESERVE
 
+    @property
+    def rollout_mode(self) -> str:
+        """The generation weights GRPO uses (urt.stages.grpo.GRPOModule.rollout_mode)."""
+        if self.strategy != "fsdp":
+            return "gather"
+        if self.rollout == "auto":
+            return "shard" if self.offload else "gather"
+        return self.rollout
+
     def describe(self) -> str:
-        out = f"{self.strategy} x{self.world}, {'checkpointed' if self.checkpointing else 'no checkpointing'}, " \
-              f"micro-batch {self.micro_batch}"
+        out = f"{self.strategy} x{self.world}{', CPU offload' if self.offload else ''}, " \
+              f"{'checkpointed' if self.checkpointing else 'no checkpointing'}, micro-batch {self.micro_batch}"
         return out + (f", generation batch {self.gen_batch}" if self.stage == "grpo" else "")
 
 
@@ -80,11 +95,22 @@ class Plan:
     activations_full: int
     kv_cache: int
     gpu_bytes: int
+    host: int = 0  # of weights + gradients + optimizer, the bytes in host memory (CPU offload)
+    host_load: int = 0  # host bytes per rank while the model is loaded (before sharding)
     alternatives: list = field(default_factory=list)
 
     @property
     def static(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.reference
+        """Bytes on the GPU all step long."""
+        return self.weights + self.gradients + self.optimizer + self.reference - self.host
+
+    @property
+    def host_per_node(self) -> int:
+        return self.host * (self.setting.ranks_per_node or self.setting.world)
+
+    @property
+    def host_load_per_node(self) -> int:
+        return self.host_load * (self.setting.ranks_per_node or self.setting.world)
 
     @property
     def peak(self) -> int:
@@ -119,13 +145,20 @@ def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80
     act_full = L * per_layer + logits
     act = act_ckpt if s.checkpointing else act_full
     layer, root = sizes.unit_numel("decoder."), sizes.unit_numel("root")
+    host = 0
     if fsdp:
         gathered = (root + 2 * layer) * c
+        if s.offload:  # the trained shards, their gradients and AdamW state in host memory
+            host = sum(t.local_numel(world) * m for t in sizes.tensors if t.sharded) + grads + optim
+            gathered += -(-(root + 2 * layer) // world) * m  # the units' shards staged on the GPU
         transient_train = gathered + layer * (c + 4)
-        # the generation copy lives through the whole step (refreshed, not rebuilt)
-        transient_gen = sizes.count() * c if s.gen_copy else gathered
-        if s.gen_copy:
-            transient_train += sizes.count() * c
+        # a generation copy lives through the whole step (refreshed, not rebuilt)
+        mode = s.rollout_mode if s.stage == "grpo" else "gather"
+        copy = sizes.count() * c if mode == "copy" else \
+            sum(t.local_numel(world) * c if t.sharded else t.numel * c for t in sizes.tensors) \
+            if mode == "shard" else 0
+        transient_gen = gathered + copy if mode != "copy" else copy
+        transient_train += copy
     else:
         transient_train, transient_gen = 0, (sizes.count() * c if c < m else 0)  # autocast's weight cache
     kv_cache = 0
@@ -136,21 +169,25 @@ def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80
         kv_cache += seqs * sizes.vocab * 4 * 2  # a step's fp32 logits and the sampler's copy
     # the larger phase decides the transient too: training pass vs generation
     transient = transient_train if act >= kv_cache else transient_gen
-    return Plan(label, s, weights, grads, optim, ref, transient, act, act_ckpt, act_full, kv_cache, gpu_bytes)
+    return Plan(label, s, weights, grads, optim, ref, transient, act, act_ckpt, act_full, kv_cache, gpu_bytes, host,
+                sizes.count() * m)
 
 
 def candidates(s: Setting) -> list[Setting]:
-    """The settings `fit` tries, the configured one first: its strategy then FSDP2, checkpointing as
-    configured then on, the micro-batch and generation batch as configured then halved down to 1."""
+    """The settings `fit` tries, the configured one first: its strategy then FSDP2, CPU offload as
+    configured then on (FSDP2), checkpointing as configured then on, the micro-batch and generation batch as
+    configured then halved down to 1."""
     out = []
     strategies = [s.strategy] + (["fsdp"] if s.strategy != "fsdp" and s.world > 1 else [])
-    for strategy in strategies:
+    for strategy, offload in [(st, o) for st in strategies
+                              for o in (dict.fromkeys([s.offload, True]) if st == "fsdp" else [False])]:
         for ckpt in dict.fromkeys([s.checkpointing, True]):
             micro = s.micro_batch
             while True:
                 gen = s.gen_batch
                 while True:
-                    out.append(replace(s, strategy=strategy, checkpointing=ckpt, micro_batch=micro, gen_batch=gen))
+                    out.append(replace(s, strategy=strategy, offload=offload, checkpointing=ckpt, micro_batch=micro,
+                                       gen_batch=gen))
                     if gen <= 1:
                         break
                     gen = max(1, gen // 2)
@@ -180,23 +217,27 @@ def gib(n: int) -> str:
 def table(plans: list[Plan]) -> str:
     """The plan as a text table: one row per stage (GiB per rank), and the setting that fits where the
     configured one does not."""
-    head = ["stage", "strategy", "weights", "grads", "optim", "ref", "act ckpt", "act full", "KV cache",
+    head = ["stage", "strategy", "weights", "grads", "optim", "ref", "on host", "act ckpt", "act full", "KV cache",
             "transient", "peak", "GPU", "fits"]
     rows = []
     for p in plans:
-        rows.append([p.label, f"{p.setting.strategy} x{p.setting.world}", gib(p.weights), gib(p.gradients),
-                     gib(p.optimizer), gib(p.reference), gib(p.activations_checkpointed), gib(p.activations_full),
+        strategy = f"{p.setting.strategy} x{p.setting.world}" + (" offload" if p.setting.offload else "")
+        rows.append([p.label, strategy, gib(p.weights), gib(p.gradients), gib(p.optimizer), gib(p.reference),
+                     gib(p.host), gib(p.activations_checkpointed), gib(p.activations_full),
                      gib(p.kv_cache), gib(p.transient), gib(p.peak), gib(p.gpu_bytes),
                      "yes" if p.fits else "NO"])
     widths = [max(len(r[k]) for r in [head, *rows]) for k in range(len(head))]
     def line(r):
         return "  ".join(x.ljust(w) if k < 2 else x.rjust(w) for k, (x, w) in enumerate(zip(r, widths)))
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    out.append("(GiB per rank; act: activations of one micro-batch with / without checkpointing; peak: weights + "
-               "grads + optim + ref + transient + max(act, KV cache) + 3 GiB reserve)")
+    out.append("(GiB per rank; on host: of weights + grads + optim, what CPU offload keeps in host memory; act: "
+               "activations of one micro-batch with / without checkpointing; peak: weights + grads + optim + ref "
+               "- on host + transient + max(act, KV cache) + 3 GiB reserve)")
     for p in plans:
         s = p.setting
-        out.append(f"{p.label}: {s.describe()}" + ("" if p.fits else " -> does not fit"))
+        out.append(f"{p.label}: {s.describe()}" + ("" if p.fits else " -> does not fit")
+                   + (f"; host memory per node of {s.ranks_per_node or s.world} ranks: {gib(p.host_load_per_node)} "
+                      f"GiB while loading, {gib(p.host_per_node)} GiB offloaded state" if p.host else ""))
         if not p.fits:
             if p.alternatives:
                 a = p.alternatives[0]
@@ -213,6 +254,8 @@ def overrides_for(old: Setting, new: Setting) -> str:
     ov = []
     if new.strategy != old.strategy:
         ov.append("trainer=fsdp")
+    if new.offload != old.offload:
+        ov.append(f"trainer.strategy.cpu_offload={str(new.offload).lower()}")
     if new.checkpointing != old.checkpointing:
         ov.append(f"model.gradient_checkpointing={str(new.checkpointing).lower()}")
     if new.micro_batch != old.micro_batch:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from urt.data.collate import model_inputs
 from urt.data.encode import IGNORE_INDEX, Encoded, supervised_mask
-from urt.models.compat import forward_takes, to_device, warn_once
+from urt.models.compat import forward_takes, model_device, to_device, warn_once
 
 
 def text_completion_ids(tokenizer, text: str, prefix: str, eos_id: int, max_new_tokens: int) -> list[int]:
@@ -77,7 +77,7 @@ def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy:
                 # FSDP2 re-gathers a layer for backward from hooks on the tensors its forward returns; the
                 # prompt pass's KV cache reaches the completion pass around them (held in the cache object)
                 reason = "a sharded policy's passes with gradients run padded (FSDP2 cannot follow the KV cache)"
-            if any_rank(reason is not None, next(model.parameters()).device) and reason is None:
+            if any_rank(reason is not None, model_device(model)) and reason is None:
                 reason = "another rank's pass cannot share prompts (sharded ranks run the same passes)"
         if reason is None:
             try:
@@ -91,10 +91,11 @@ def sequence_logprobs(model, collate: Callable, seqs: list[Encoded], *, entropy:
     labels = batch["labels"]
     inputs = model_inputs(batch)
     param = next(model.parameters())
-    inputs = to_device(inputs, param.device, getattr(model, "dtype", param.dtype))
+    device = model_device(model)
+    inputs = to_device(inputs, device, getattr(model, "dtype", param.dtype))
     if visual_cache is not None:
         inputs = visual_cache.inputs_for(model, seqs, inputs)
-    labels = labels.to(param.device)
+    labels = labels.to(device)
     keep = supervised_mask(labels)  # positions whose next token is a completion token
     targets = labels[:, 1:][keep[:, :-1]]
     if forward_takes(model, "logits_to_keep"):

@@ -60,7 +60,7 @@ import torch
 from urt.data.collate import PaddedCollator, RopeIndex, make_collator, model_inputs, packing_pays, pad_id
 from urt.data.encode import IGNORE_INDEX, QWEN_FAMILIES, Encoded
 from urt.errors import UrtError
-from urt.models.compat import forward_takes, to_device, warn_once
+from urt.models.compat import forward_takes, model_device, to_device, warn_once
 from urt.models.hybrid import hybrid_cache, is_hybrid
 from urt.rl.visual_cache import hf_model
 
@@ -224,14 +224,14 @@ class SharedPromptLogprobs:
         width = 1 + max(len(c) for c in comps)  # the prompt's last token, then the completion
         prompt_pos, comp_pos = self._positions(prompts, rows, width)
         param = next(model.parameters())
-        dtype = getattr(model, "dtype", param.dtype)
+        dtype, dev = getattr(model, "dtype", param.dtype), model_device(model)
         cache_arg = "cache" if _forward_takes(model, "cache") else "past_key_values"  # renamed in transformers 5.2x
 
         # 1. the prompt pass: each distinct prompt once, right-padded, KV cache on
         inputs = model_inputs(self.collate_prompts(prompts))
         inputs["position_ids"] = prompt_pos
         prompt_mask = inputs["attention_mask"]
-        inputs = to_device(inputs, param.device, dtype)
+        inputs = to_device(inputs, dev, dtype)
         if visual_cache is not None:
             inputs = visual_cache.inputs_for(model, prompts, inputs)
         mine = hybrid_cache(hf_model(model)) if self.hybrid else None
@@ -252,7 +252,7 @@ class SharedPromptLogprobs:
             raise UrtError(f"the {self.family} model returned no KV cache from the prompt pass")
         del out
         # 2. one cache row per sequence (its prompt's): an index, so gradients sum back into the prompt pass
-        cache.batch_select_indices(torch.tensor(rows, device=param.device))
+        cache.batch_select_indices(torch.tensor(rows, device=dev))
 
         # 3. the completion pass: last prompt token + completion, right-padded, on the cached prompts
         n = len(seqs)
@@ -265,7 +265,6 @@ class SharedPromptLogprobs:
             own[j, :1 + len(c)] = 1
             keep[j, :len(c)] = True
         mask = torch.cat([prompt_mask[rows], own], dim=1)
-        dev = param.device
         ids, mask, keep, comp_pos = ids.to(dev), mask.to(dev), keep.to(dev), comp_pos.to(dev)
         targets = torch.cat(comps).to(dev)
         kw: dict[str, Any] = {cache_arg: cache}

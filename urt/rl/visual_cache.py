@@ -69,7 +69,7 @@ import torch
 from urt.data.collate import concat_visual
 from urt.data.encode import Encoded
 from urt.errors import UrtError
-from urt.models.compat import warn_once
+from urt.models.compat import compute_device, warn_once
 from urt.models.families import get_family
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class VisualCache:
         for k, v in visual.items():
             if isinstance(v, torch.Tensor):
                 cast = v.is_floating_point() and k.startswith("pixel_values")
-                v = v.to(device=p.device, dtype=p.dtype) if cast else v.to(p.device)
+                v = v.to(device=compute_device(p), dtype=p.dtype) if cast else v.to(compute_device(p))
             out[k] = v
         return out
 

@@ -94,6 +94,9 @@ def solution_string(prompt: Encoded) -> str | None:
     return solution_for(prompt.task, prompt.label, (prompt.meta or {}).get("template_set"))
 
 
+ROLLOUT_WEIGHTS = ("auto", "gather", "copy", "shard")
+
+
 class GRPOModule(StageModule):
     """GRPO of a `ModelBundle` (see the module docstring). Settings: conf/stage/grpo.yaml, whose keys are
     this constructor's arguments; the loss is a component (conf/stage/loss/), the rewards come from
@@ -105,7 +108,7 @@ class GRPOModule(StageModule):
                  num_iterations: int = 1, num_mini_batches: int = 1, micro_batch_size: int = 8,
                  max_grad_norm: float | None = 1.0, filter_zero_variance: bool = False, collate: str = "auto",
                  visual_cache: bool = True, total_steps: int | None = None, rewards: RewardSet | None = None,
-                 seed: int = 0, rollout_weights: str = "gather"):
+                 seed: int = 0, rollout_weights: str = "auto"):
         super().__init__(bundle, optimizer, scheduler, total_steps=total_steps)
         self.automatic_optimization = False
         self.loss_fn = loss if loss is not None else PolicyLoss()
@@ -123,9 +126,12 @@ class GRPOModule(StageModule):
         self.visual_cache = bool(visual_cache)  # encode visuals once per step (frozen vision tower only)
         # sharded policy only: "gather" generates from the shards (one layer's bf16 weights gathered at a time,
         # the ranks in lockstep); "copy" keeps an unsharded bf16 copy per rank, refreshed from the shards before
-        # each rollout step (2 bytes per parameter per rank; no collective while decoding)
-        if rollout_weights not in ("gather", "copy"):
-            raise UrtError(f"stage.rollout_weights must be gather or copy, got {rollout_weights!r}")
+        # each rollout step (2 bytes per parameter per rank; no collective while decoding); "shard" a bf16 copy
+        # sharded like the policy on the GPU, refreshed shard by shard (2 bytes per parameter / world; decoding
+        # gathers a layer at a time like "gather", without copying an offloaded policy's host shards to the GPU
+        # for every token); "auto": shard when the policy is offloaded (trainer.strategy.cpu_offload), else gather
+        if rollout_weights not in ROLLOUT_WEIGHTS:
+            raise UrtError(f"stage.rollout_weights must be one of {', '.join(ROLLOUT_WEIGHTS)}, got {rollout_weights!r}")
         self.rollout_weights = rollout_weights
         self.__dict__["generation_model"] = None
         self.skipped_ties = 0  # tie prompts left out (CoT prompts have no tie answer)
@@ -139,14 +145,12 @@ class GRPOModule(StageModule):
         self.collate = make_logprob_collator(collate, bundle)  # log-prob batches (stage.collate)
         self.stop_ids = stop_token_ids(bundle)
         self.vision_ids = set(vision_token_ids(bundle))
-        # The reference policy: kept out of the module's state_dict (never checkpointed).
-        ref = None
-        if self.loss_fn.uses_reference:
-            from urt.models.loading import is_peft_model
+        # The reference policy: kept out of the module's state_dict (never checkpointed); made in
+        # configure_model, once the strategy is known (sharded: a skeleton filled from the policy's shards).
+        from urt.models.loading import is_peft_model
 
-            if not is_peft_model(self.model):
-                ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.__dict__["ref_model"] = ref
+        self.wants_reference = self.loss_fn.uses_reference and not is_peft_model(self.model)
+        self.__dict__["ref_model"] = None
         self.rollout_step = 0  # rollout batches done (checkpointed; seeds generation)
         self.rollout_record: RolloutRecord | None = None  # this step's rollouts, for RolloutLog
 
@@ -235,13 +239,17 @@ class GRPOModule(StageModule):
 
         G = self.G
         bundle, lockstep = self.bundle, self.lockstep
-        if lockstep and self.generation_model is not None:  # rollout_weights=copy: refreshed, then no collective
+        if lockstep and self.generation_model is not None:  # rollout_weights=copy | shard: refreshed first
             import dataclasses
 
-            from urt.models.fsdp import refresh_generation_copy
+            from urt.models.fsdp import is_sharded, refresh_generation_copy, refresh_sharded_copy
 
-            refresh_generation_copy(self.generation_model, self.model)
-            bundle, lockstep = dataclasses.replace(self.bundle, model=self.generation_model), False
+            if is_sharded(self.generation_model):  # shard: each rank its own shard; decoding stays in lockstep
+                refresh_sharded_copy(self.generation_model, self.model)
+            else:  # copy: gathered once here, then no collective while decoding
+                refresh_generation_copy(self.generation_model, self.model)
+                lockstep = False
+            bundle = dataclasses.replace(self.bundle, model=self.generation_model)
         gen = GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                                num_return_sequences=G, batch_size=self.generation_batch_size,
                                seed=generation_seed(self.seed, step, self.global_rank), lockstep=lockstep)
@@ -482,17 +490,42 @@ class GRPOModule(StageModule):
         return is_sharded(self.model)
 
     def sharded_models(self) -> list:
-        return [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        return [self.model] + ([self.ref_model] if self.ref_model is not None else []) + \
+            ([self.generation_model] if self.rollout_mode == "shard" else [])
+
+    @property
+    def rollout_mode(self) -> str:
+        """stage.rollout_weights with "auto" resolved against the strategy (gather without a sharded one)."""
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        from urt.stages.sharded import ShardedStrategy
+
+        if not isinstance(strategy, ShardedStrategy):
+            return "gather"
+        if self.rollout_weights == "auto":
+            return "shard" if strategy.cpu_offload else "gather"
+        return self.rollout_weights
 
     def configure_model(self) -> None:
+        """The frozen models beside the policy, made before the strategy shards it (Lightning calls this on
+        every strategy): the reference (unsharded: a deep copy; sharded: a skeleton the strategy fills from
+        the policy's shards) and, sharded with rollout_weights=copy | shard, the generation copy."""
+        from urt.models.fsdp import frozen_skeleton, generation_copy, is_sharded
         from urt.stages.sharded import is_sharded_strategy
 
-        if is_sharded_strategy(self._trainer) and self.rollout_weights == "copy" and self.generation_model is None:
-            from urt.models.fsdp import generation_copy
-
-            strategy = self._trainer.strategy  # the copy is made before the policy is sharded
-            copy = generation_copy(self.model, strategy.param_dtype)
-            self.__dict__["generation_model"] = copy.to(strategy.root_device)
+        if is_sharded(self.model):  # configured already (a second fit on the same module)
+            return super().configure_model()
+        sharded = is_sharded_strategy(self._trainer)
+        if self.wants_reference and self.ref_model is None:
+            self.__dict__["ref_model"] = frozen_skeleton(self.model) if sharded else \
+                copy.deepcopy(self.model).eval().requires_grad_(False)
+        mode = self.rollout_mode
+        if mode in ("copy", "shard") and self.generation_model is None:
+            strategy = self._trainer.strategy
+            gen = generation_copy(self.model, strategy.param_dtype).to(strategy.root_device) if mode == "copy" \
+                else frozen_skeleton(self.model)  # shard: sharded below with the policy (sharded_models)
+            self.__dict__["generation_model"] = gen
+            log.info("GRPO rollouts from a %s bf16 copy of the policy (stage.rollout_weights=%s)",
+                     "sharded" if mode == "shard" else "full", self.rollout_weights)
         super().configure_model()
 
     def setup(self, stage: str) -> None:

@@ -16,6 +16,12 @@ Mixed precision is the strategy's (param_dtype / reduce_dtype), so the trainer's
 gradients and the AdamW state are fp32 shards. Gradient clipping (`trainer.gradient_clip_val`, GRPO's
 `stage.max_grad_norm`) is torch's `clip_grad_norm_` over the DTensor gradients: the global norm over every
 shard. The `hf/` export gathers the full weights onto rank 0 (urt.models.fsdp.full_state_dict).
+
+`cpu_offload=True` keeps the policy's fp32 shards, gradients and AdamW state in host memory (urt.models.fsdp):
+the strategy then leaves the shards where FSDP2 put them instead of moving the module to the GPU (only the
+buffers and the replicated frozen tower go there), and the process group gets a gloo backend for CPU tensors
+beside NCCL (`cuda:nccl,cpu:gloo`): the global gradient norm is reduced over host-resident gradients, and
+the optimizer steps on the CPU.
 """
 
 from __future__ import annotations
@@ -40,11 +46,17 @@ class ShardedStrategy(ModelParallelStrategy):
             until backward (ZeRO-2-like: less communication, a full bf16 copy of the layers alive).
         save_distributed_checkpoint: checkpoints as folders of per-rank shards (False: gathered onto rank 0
             into one file, weights + AdamW state ~12 bytes per parameter in rank 0's host memory).
+        cpu_offload: the trained model's shards, gradients and optimizer state in host memory (see the
+            module docstring); frozen models (GRPO's reference, its generation copy) stay on the GPU.
     """
 
     def __init__(self, param_dtype: str | None = "bf16", reduce_dtype: str | None = "fp32",
                  reshard_after_forward: bool = True, save_distributed_checkpoint: bool = True,
-                 process_group_backend: str | None = None, timeout_s: float = 1800.0):
+                 process_group_backend: str | None = None, timeout_s: float = 1800.0, cpu_offload: bool = False):
+        self.cpu_offload = bool(cpu_offload)
+        if self.cpu_offload and process_group_backend == "nccl":
+            # host-resident gradients are reduced (the clipping norm) and gathered (checkpoints) on the CPU
+            process_group_backend = "cuda:nccl,cpu:gloo"
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend, timeout=timedelta(seconds=timeout_s))
@@ -70,6 +82,18 @@ class ShardedStrategy(ModelParallelStrategy):
                            f"mixed precision (trainer.strategy.param_dtype)")
         super().setup(trainer)
 
+    def model_to_device(self) -> None:
+        if not self.cpu_offload:
+            return super().model_to_device()
+        from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+
+        from urt.models.fsdp import place_unsharded
+
+        # the host shards stay put; buffers and the replicated tower go to the GPU, and the LightningModule's
+        # `device` (where its batches and collectives' tensors go) says the GPU
+        place_unsharded(self.model, self.root_device)
+        _update_properties(self.model, device=self.root_device)
+
     @property
     def mesh(self):
         return self.device_mesh["data_parallel"]
@@ -79,7 +103,7 @@ class ShardedStrategy(ModelParallelStrategy):
         from urt.models.fsdp import shard_model
 
         return shard_model(model, family, self.mesh, param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype,
-                           reshard_after_forward=self.reshard_after_forward)
+                           reshard_after_forward=self.reshard_after_forward, offload=self.cpu_offload)
 
     def shard_stage(self, module) -> None:
         """Shard every model a stage module trains or runs frozen (`module.sharded_models()`)."""
@@ -90,11 +114,17 @@ class ShardedStrategy(ModelParallelStrategy):
             raise UrtError("trainer=fsdp: LoRA is not supported under the sharded strategy (the adapters' "
                            "frozen base would be replicated and the hf/ export merges on one rank); train LoRA "
                            "with trainer=ddp (model.lora=null for full training)")
-        for model in module.sharded_models():
+        from urt.models.fsdp import materialize_from
+
+        for model in module.sharded_models():  # the policy first: the frozen skeletons are filled from it
             self.shard(model, family)
-            if model is not module.model:
+            if model is module.model:
+                continue
+            if any(p.is_meta for p in model.parameters()):  # a frozen_skeleton (GRPO's reference, its copy)
+                materialize_from(model, module.model, self.root_device)
+            else:
                 # fully_shard moves the shards to the mesh's device; a frozen model outside the LightningModule
-                # (GRPO's reference) still needs its replicated vision tower and its buffers moved
+                # still needs its replicated vision tower and its buffers moved
                 model.to(self.root_device)
 
 
