@@ -414,3 +414,62 @@ def test_fsdp_grpo_nonfinite_loss_on_one_rank_stops_both(tmp_path):
     assert "loss is non-finite on a micro-batch of another rank" in msgs[0]
     assert "loss is non-finite (-inf) on the micro-batch of samples" in msgs[1] and "p-1#" in msgs[1]
     assert (tmp_path / "runs" / "nan" / "checkpoints" / "failed-step-000001.ckpt").is_dir()
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _bf16_checkpoint(d: Path) -> str:
+    """A tiny Qwen2.5-VL checkpoint folder stored in bf16, as the released checkpoints are."""
+    from urt.models import load_model, save_pretrained
+
+    torch.manual_seed(0)
+    bundle = load_model("tiny", family="qwen2_5_vl")
+    bundle.model.to(torch.bfloat16)
+    save_pretrained(bundle, d)
+    return str(d)
+
+
+def _load_worker(rank: int, root: str, shards: str, ckpt: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from urt.train import train
+
+    cb = FullGradDump(Path(out) / f"load-rank{rank}.pt")
+    train(_sft_cfg(Path(root), shards, "fsdp_bf16", 2, "trainer=fsdp_cpu", f"model.name_or_path={ckpt}",
+                   "model.dtype=float32"), callbacks=[cb])
+    module = cb.module
+    assert module.bundle.master_dtype == torch.float32  # loaded in bf16, cast unit by unit while sharding
+    trained = [p for p in module.model.parameters() if p.requires_grad]
+    assert trained and all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in trained)
+    torch.save({"losses": cb.losses}, Path(out) / f"load-rank{rank}-info.pt")
+
+
+def test_fsdp_loads_the_checkpoint_dtype_and_casts_while_sharding(tmp_path):
+    """Under the sharded strategy a bf16 checkpoint with model.dtype=float32 is read in bf16 (half the host
+    memory per rank) and each unit cast to fp32 just before it is sharded: the run equals one process that
+    loaded the checkpoint in fp32 (losses and gradients to 1e-6)."""
+    from test_ddp import GradDump
+    from urt.train import train
+
+    shards = _sft_shards(tmp_path / "shards")
+    ckpt = _bf16_checkpoint(tmp_path / "ckpt")
+    one = GradDump(tmp_path / "load-one.pt")
+    train(_sft_cfg(tmp_path, shards, "one_fp32", 2, "trainer=cpu", f"model.name_or_path={ckpt}",
+                   "model.dtype=float32"), callbacks=[one])
+    assert one.module.bundle.master_dtype is None  # one process: loaded in fp32 as configured
+    run_two_processes(_load_worker, str(tmp_path), shards, ckpt, str(tmp_path))
+    info = [torch.load(tmp_path / f"load-rank{r}-info.pt") for r in (0, 1)]
+    one_steps = [one.losses[2 * s] + one.losses[2 * s + 1] for s in range(2)]
+    two_steps = [(a + b) / 2 for a, b in zip(info[0]["losses"], info[1]["losses"])]
+    assert max(abs(a - b) for a, b in zip(one_steps, two_steps)) < 1e-6
+    assert _max_diff(one.grads, torch.load(tmp_path / "load-rank0.pt")) < 1e-6
+    # hf/ says and holds what the fp32-loaded run's says and holds
+    import json
+
+    from safetensors.torch import load_file
+
+    a, b = (tmp_path / "runs" / run / "hf" / "final" for run in ("one_fp32", "fsdp_bf16"))
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert (ca["dtype"], ca["text_config"]["dtype"]) == (cb["dtype"], cb["text_config"]["dtype"]) == ("float32",) * 2
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(wa[k].dtype == wb[k].dtype for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5

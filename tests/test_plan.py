@@ -71,6 +71,9 @@ def test_every_released_recipe_fits_8x80gb(size):
         if big:
             assert p.static == p.weights + p.gradients + p.optimizer + p.reference - p.host < 20 << 30
             assert p.host > p.gradients + p.optimizer
+        # a rank reads the bf16 checkpoint and casts unit by unit while sharding (not the whole fp32 model):
+        # every recipe's host memory stays under 512 GiB per node of 8, loading and offloaded
+        assert p.setting.load == 2 and p.host_load_per_node < 512 << 30 and p.host_per_node < 512 << 30
     grpo = plans[-1]
     assert grpo.setting.reference and grpo.reference > 0 and grpo.kv_cache > 0
     assert grpo.setting.rollout_mode == ("shard" if big else "gather")

@@ -18,6 +18,9 @@ class ModelBundle:
     model: Any
     processor: Any
     family: str
+    # set when the weights were loaded in the checkpoint's dtype to be cast to this one unit by unit as the
+    # sharded strategy shards them (urt.stages.sharded.load_settings): None, they are in it already
+    master_dtype: Any = None
 
     @property
     def spec(self) -> FamilySpec:

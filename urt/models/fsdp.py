@@ -70,10 +70,12 @@ def replicated_parameters(model: torch.nn.Module, family: str) -> tuple[list[tor
 
 def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str | None = "bf16",
                 reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True,
-                offload: bool = False) -> torch.nn.Module:
+                offload: bool = False, master_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Apply FSDP2 to `model` in place (see the module docstring) over the 1-D data-parallel `mesh`;
     returns it. A model already sharded is returned as it is. `offload`: a model with trained parameters
-    keeps its shards (and gradients) in host memory; a frozen one ignores it."""
+    keeps its shards (and gradients) in host memory; a frozen one ignores it. `master_dtype`: the sharded
+    parameters' dtype when the model was loaded in another (its checkpoint's bf16): each unit is cast just
+    before it is sharded, so the host never holds the whole model in the wider dtype."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if is_sharded(model):
@@ -97,11 +99,22 @@ def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str |
     # pinned host memory makes the per-unit copies asynchronous; there is nothing to pin for on a CPU mesh
     policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload and trained else OffloadPolicy()
     opts = dict(mesh=mesh, mp_policy=mp, offload_policy=policy, ignored_params=set(ignored) or None)
+    keep = {id(p) for p in ignored}
+
+    def cast(unit):  # to the master dtype, one unit at a time (its full copy freed once it is sharded)
+        if master_dtype is not None:
+            for p in unit.parameters():
+                if id(p) not in keep and p.dtype != master_dtype:
+                    p.data = p.data.to(master_dtype)
+
     for block in (vision if train_vision else []):
+        cast(block)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **opts)
     for layer in decoder:
+        cast(layer)
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **opts)
     # the root's parameters (embeddings, norm, head) are gathered for the whole forward anyway
+    cast(model)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **opts)
     return model
 

@@ -58,8 +58,17 @@ def _master_bytes(model: DictConfig, config) -> int:
         return _DTYPE_BYTES[dtype]
     if str(model.get("name_or_path")) == "tiny":
         return 4  # tiny models are float32
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(config, "dtype", None)  # transformers 5 reads a config.json torch_dtype into dtype
     return _DTYPE_BYTES.get(str(stored).replace("torch.", ""), 2)  # released checkpoints: bf16
+
+
+def _load_bytes(cfg: DictConfig, strategy: str, config, master: int) -> int:
+    """Bytes per parameter while a rank loads the model: the checkpoint's own dtype under FSDP2 (the units
+    are cast to the master dtype as they are sharded: urt.stages.sharded.load_settings), else the master's."""
+    if strategy != "fsdp" or str(cfg.model.get("name_or_path")) == "tiny" or cfg.model.get("lora"):
+        return master
+    stored = getattr(config, "dtype", None)  # transformers 5 reads a config.json torch_dtype into dtype
+    return _DTYPE_BYTES.get(str(stored).replace("torch.", ""), 2)
 
 
 def _compute_bytes(cfg: DictConfig, strategy: str, master: int) -> int:
@@ -102,6 +111,7 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
     per_node = world // int(cfg.trainer.get("num_nodes", 1) or 1)
     master = _master_bytes(cfg.model, config)
     compute = _compute_bytes(cfg, strategy, master)
+    load = _load_bytes(cfg, strategy, config, master)
     ckpt = bool(cfg.model.get("gradient_checkpointing", False))
     max_length = int(cfg.data.get("max_length") or 13000)
     if stage == "grpo":
@@ -115,11 +125,12 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
         return Setting("grpo", strategy, world, master, compute, ckpt, int(st.get("micro_batch_size", 8)),
                        prompt + new, new, reference=uses_ref, generations=int(st.get("num_generations", 8)),
                        gen_batch=int(st.get("generation_batch_size", 8)), gen_len=prompt + new,
-                       rollout=str(st.get("rollout_weights", "auto")), offload=offload, ranks_per_node=per_node)
+                       rollout=str(st.get("rollout_weights", "auto")), offload=offload, ranks_per_node=per_node,
+                       load=load)
     from urt.plan.memory import SFT_PREDICTED
 
     return Setting(stage, strategy, world, master, compute, ckpt, int(cfg.data.get("batch_size", 1)), max_length,
-                   min(max_length, SFT_PREDICTED), offload=offload, ranks_per_node=per_node)
+                   min(max_length, SFT_PREDICTED), offload=offload, ranks_per_node=per_node, load=load)
 
 
 def plan_config(cfg: DictConfig, label: str, gpu_bytes: int, gpus: int | None = None,

@@ -13,7 +13,8 @@ The formula (docs/scaling.md writes it out with the numbers of each released siz
     host         FSDP2 with CPU offload: the trained model's shards (m), gradients and optimizer state live in
                  host memory, not on the GPU (they are still listed under weights / gradients / optimizer);
                  the GPU keeps the frozen replicated tower and a staging copy (m) of the units being gathered
-    host at load every rank reads the whole model (every parameter x m) into host memory before it is sharded
+    host at load every rank reads the whole model into host memory before it is sharded: every parameter x
+                 the checkpoint's bytes under FSDP2 (each unit cast to m as it is sharded), x m otherwise
     activations  T = micro-batch x sequence tokens; per decoder layer and token c x (4h + 2 q + 2 kv + 4 i)
                  elements; checkpointed: L x T x h x c (each layer's input) + one layer's; plus the logits of
                  the predicted positions, micro-batch x predicted x vocab x (c + 4 + 4) (fp32 log-softmax and
@@ -62,6 +63,7 @@ class Setting:
     rollout: str = "auto"  # GRPO's stage.rollout_weights (auto | gather | copy | shard)
     offload: bool = False  # FSDP2 with trainer.strategy.cpu_offload
     ranks_per_node: int = 0  # for the host memory per node (0: world)
+    load: int = 0  # bytes per parameter while loading (0: master)
     reserve: int = RESERVE
 
     @property
@@ -170,7 +172,7 @@ def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80
     # the larger phase decides the transient too: training pass vs generation
     transient = transient_train if act >= kv_cache else transient_gen
     return Plan(label, s, weights, grads, optim, ref, transient, act, act_ckpt, act_full, kv_cache, gpu_bytes, host,
-                sizes.count() * m)
+                sizes.count() * (s.load or m))
 
 
 def candidates(s: Setting) -> list[Setting]:

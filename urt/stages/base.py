@@ -688,7 +688,16 @@ def start(cfg: DictConfig, *, exclude: Sequence[str] = (), given: Sequence[str] 
     model_checkpoint(cfg, out)
     L.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = resume_path(cfg)
-    bundle = load_model(**OmegaConf.to_container(cfg.model, resolve=True))
+    from urt.stages.sharded import load_settings
+
+    kwargs, master = load_settings(OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer)
+    bundle = load_model(**kwargs)
+    if master is not None and any(p.dtype != master for p in bundle.model.parameters() if p.requires_grad):
+        bundle.master_dtype = master  # the strategy casts unit by unit as it shards (load_settings)
+        config = bundle.model.config  # what hf/ exports say, as if loaded in the master dtype
+        for c in [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))]:
+            if c is not None:
+                c.dtype = master
     return out, ckpt_path, bundle
 
 
