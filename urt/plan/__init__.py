@@ -103,8 +103,8 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
     stage = str(cfg.stage.get("name", "sft"))
     strategy = strategy_of(cfg.trainer)
     world = world_of(cfg.trainer, gpus)
-    if world == 1:
-        strategy = "single"
+    if world == 1 and strategy == "ddp":
+        strategy = "single"  # FSDP2 at world 1 still casts, offloads and copies as configured
     trainer_strategy = cfg.trainer.get("strategy")
     offload = strategy == "fsdp" and isinstance(trainer_strategy, DictConfig) and \
         bool(trainer_strategy.get("cpu_offload", False))
