@@ -85,6 +85,16 @@ def test_packed_rows_equal_separate_samples_and_leak_without_the_hooks(caplog):
     assert d_leak > 1e-2, d_leak
 
 
+def test_load_model_hooks_a_hybrid_model_before_any_collator():
+    """A Qwen3.5 model from load_model is already hooked (packed rows fed by any code stay isolated); other
+    families have no linear-attention layer to hook."""
+    from urt.models import load_model
+
+    layers = hybrid.linear_attention_layers(load_model("tiny", family="qwen3_5").model)
+    assert len(layers) == 3 and all(getattr(layer, hybrid._HOOKED, False) for layer in layers)
+    assert hybrid.linear_attention_layers(load_model("tiny", family="qwen3_vl").model) == []
+
+
 def test_packed_gradients_equal_separate_gradients():
     """The loss summed over packed samples has the gradients of the per-sample losses' sum (the hooks'
     gather and scatter are differentiable), with and without gradient checkpointing."""

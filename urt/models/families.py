@@ -119,7 +119,7 @@ FAMILIES: dict[str, FamilySpec] = {
         projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
         language_prefixes=_QWEN_LANGUAGE,
         notes="hybrid linear/full attention: packed samples start from zero linear-attention states through "
-        "urt.models.hybrid.isolate_packed_samples (make_collator installs it); without flash-linear-attention "
+        "urt.models.hybrid.isolate_packed_samples (load_model and make_collator install it); without flash-linear-attention "
         "and causal-conv1d the linear-attention layers run transformers' slow torch fallback",
     ),
 }

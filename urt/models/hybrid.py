@@ -21,8 +21,9 @@ position ids each decoder layer gets (a sample starts wherever a position is not
 `urt.models.attention.cu_seqlens_from_positions`, computed once per forward). Forwards with an attention
 mask, decode steps and rows whose positions do not restart are left as they are (padded batches,
 generation, shared prompts); a packed row with a cache is refused (the cache would hold one packed row's
-state). `urt.data.collate.make_collator("packed", bundle)` installs the hooks; a model fed packed rows
-without them leaks state from sample to sample.
+state). `urt.models.load_model` installs the hooks on every model it loads (and
+`urt.data.collate.make_collator("packed", bundle)` on one built elsewhere); a model fed packed rows without
+them leaks state from sample to sample.
 
 `hybrid_cache(model)` is transformers' DynamicCache for the model with every linear-attention layer a
 `LinearStateLayer`: its states can be selected per row (`batch_select_indices`: GRPO's shared prompts) and

@@ -312,6 +312,11 @@ def load_model(
     model = model.to(device)
     if attn in (attention.VARLEN, "sdpa"):
         attention.use_varlen_in_vision(model)
+    # a hybrid model's packed rows must not carry linear-attention state from one sample into the next,
+    # whoever packs them (the hooks leave unpacked and cached forwards alone); a no-op for other families
+    from urt.models.hybrid import isolate_packed_samples
+
+    isolate_packed_samples(model)
     set_trainable(
         model, family, vision=not freeze_vision, projector=not freeze_projector, language=not freeze_language
     )
