@@ -689,3 +689,22 @@ def test_rewards_named_in_the_config_see_the_sample(tmp_path, shards, monkeypatc
     rows = _rollouts(Path(cfg.stage.run_dir), 1)
     assert rows["reward_length"] == [0.5 * len(c) for c in rows["completion"]]
     assert set(rows["reward_test_sees_sample"]) <= {0.5, 1.0}
+
+
+def test_reference_is_built_by_configure_model():
+    """The reference is made once the strategy is known (configure_model: a frozen copy on one device, a
+    skeleton filled from the shards when sharded); training steps run outside a Trainer without it stop
+    with the call to make, not a missing-adapter error."""
+    from urt.errors import UrtError
+    from urt.models import load_model
+    from urt.rl.objective import PolicyLoss
+    from urt.stages.grpo import GRPOModule
+
+    m = GRPOModule(load_model("tiny", family="qwen2_5_vl"), loss=PolicyLoss(beta=0.04), num_generations=2)
+    assert m.ref_model is None and m.wants_reference and m.rollout_mode == "gather"
+    with pytest.raises(UrtError, match="configure_model"):
+        m._reference_logprobs([], [])
+    m.configure_model()
+    ref = m.ref_model
+    assert ref is not None and ref is not m.model and not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), m.model.parameters()))

@@ -434,6 +434,9 @@ class GRPOModule(StageModule):
     def _reference_logprobs(self, seqs, idx, visual_cache=None) -> dict[int, torch.Tensor]:
         if self.ref_model is not None:
             return self._frozen_logprobs(self.ref_model, seqs, idx, visual_cache)
+        if self.wants_reference:
+            raise UrtError("GRPO: the reference model is built by configure_model (Trainer.fit calls it); call "
+                           "module.configure_model() first when running training steps outside a Trainer")
         with self.model.disable_adapter():  # LoRA: the base model is the reference
             return self._frozen_logprobs(self.model, seqs, idx, visual_cache)
 
