@@ -162,6 +162,32 @@ def test_a_stage_that_cannot_fit_stops_before_loading(monkeypatch):
     assert "weights" in str(e.value) and "does not fit" in str(e.value)
 
 
+def test_a_stage_that_cannot_fit_the_host_stops_before_loading(monkeypatch):
+    """The offloaded 32B cold start fits the GPUs but not a node of 256 GiB (every rank reads the bf16
+    checkpoint: ~497 GiB per node of 8 while loading): urt train stops before load_model, naming the host
+    memory; with the node's memory declared large enough it passes the check."""
+    import urt.models
+    import urt.models.loading
+    from urt.config import compose_config
+    from urt.plan import preflight
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the memory check")
+
+    monkeypatch.setattr(urt.models, "load_model", no_loading)
+    monkeypatch.setattr(urt.models.loading, "load_model", no_loading)
+    base = ["experiment=paper/qwen3_vl/cold_start", "model=qwen3_vl_32b", "trainer.devices=8",
+            "trainer.strategy.cpu_offload=true", "+plan.gpu_memory_gib=80"]
+    from urt.train import build
+
+    with pytest.raises(UrtError, match=r"stage sft needs 497\.\d GiB of host memory per node of 8 ranks while loading, "
+                                       r"more than the node's 256\.0 GiB") as e:
+        build(compose_config([*base, "+plan.host_memory_gib=256"]))
+    assert "host memory per node" in str(e.value) and "does not fit" in str(e.value)
+    plan = preflight(compose_config([*base, "+plan.host_memory_gib=1024"]))
+    assert plan.fits and plan.fits_host and plan.host_node_bytes == 1024 << 30
+
+
 def test_plan_cli(capsys):
     from urt.cli import main
 
@@ -171,6 +197,11 @@ def test_plan_cli(capsys):
     # --check: exits with the error naming the stage when one does not fit
     assert main(["plan", "experiment=paper/qwen2_5_vl_7b/pipeline", "trainer=gpu", "--check"]) == 2
     assert "stage cold_start needs" in capsys.readouterr().err
+    # --host-memory: the host columns checked against a node's memory
+    assert main(["plan", "experiment=paper/qwen3_vl_32b/pipeline", "--host-memory", "1024", "--check"]) == 0
+    assert "(node: 1024.0 GiB)" in capsys.readouterr().out
+    assert main(["plan", "experiment=paper/qwen3_vl_32b/pipeline", "--host-memory", "256", "--check"]) == 2
+    assert "GiB of host memory per node of 8 ranks" in capsys.readouterr().err
 
 
 def test_plan_needs_a_config():

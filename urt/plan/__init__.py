@@ -19,8 +19,8 @@ from urt.plan.model import ModelSizes, model_config, model_sizes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GiB", "Plan", "Setting", "check", "fit", "model_sizes", "plan_config", "preflight", "setting_of",
-           "stage_configs", "table"]
+__all__ = ["GiB", "Plan", "Setting", "check", "fit", "host_memory", "model_sizes", "plan_config", "preflight",
+           "setting_of", "stage_configs", "table"]
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
 
@@ -178,10 +178,18 @@ def gpu_memory() -> int | None:
     return int(torch.cuda.get_device_properties(0).total_memory)
 
 
+def host_memory() -> int:
+    """Bytes of this machine's physical memory (a node's, where urt train runs)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def preflight(cfg: DictConfig, label: str | None = None) -> Plan | None:
     """`urt train`'s check before anything is loaded: on a GPU, the stage's plan against the GPU's memory
-    (`+plan.gpu_memory_gib` overrides it); UrtError with the table when it does not fit. Skipped on CPU,
-    with `+plan.check=false`, or when the model's config cannot be found (logged)."""
+    (`+plan.gpu_memory_gib` overrides it) and the node's host memory (`+plan.host_memory_gib`); UrtError
+    with the table when it does not fit. Skipped on CPU, with `+plan.check=false`, or when the model's
+    config cannot be found (logged)."""
     plans = preflight_stages([(label or str(cfg.stage.get("name", "stage")), cfg, None)]) \
         if cfg.get("stage") is not None else []
     return plans[0] if plans else None
@@ -200,9 +208,13 @@ def preflight_stages(stages: list[tuple[str, DictConfig, str | None]]) -> list[P
         if total is None:
             continue
         try:
-            plans.append(plan_config(cfg, label, total, model=model))
+            plan = plan_config(cfg, label, total, model=model)
         except UrtError as e:
             log.warning("memory plan of %s skipped: %s", label, e)
+            continue
+        host = opts.get("host_memory_gib")
+        plan.host_node_bytes = int(float(host) * GiB) if host else host_memory()
+        plans.append(plan)
     check(plans)
     for p in plans:
         log.info("memory plan: %s needs %.1f GiB per rank of %.1f", p.label, p.peak / GiB, p.gpu_bytes / GiB)

@@ -20,7 +20,9 @@ def _plan(args: argparse.Namespace) -> int:
         key = repr(sorted((k, repr(v)) for k, v in mc.items()))  # one meta model per model setting
         if key not in sizes:
             sizes[key] = model_sizes(mc)
-        plans.append(plan_config(stage_cfg, label, total, args.gpus, model=mc["name_or_path"], sizes=sizes[key]))
+        plan = plan_config(stage_cfg, label, total, args.gpus, model=mc["name_or_path"], sizes=sizes[key])
+        plan.host_node_bytes = int(args.host_memory * GiB) if args.host_memory else None
+        plans.append(plan)
     name = cfg.get("experiment") or ", ".join(p.label for p in plans)
     print(f"memory plan: {name} ({args.gpus} GPU(s) of {args.gpu_memory:g} GiB where trainer.devices=auto)")
     print(table(plans))
@@ -42,6 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=paper/qwen2_5_vl_7b/pipeline")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs where trainer.devices=auto (default 8)")
+    p.add_argument("--host-memory", type=float, default=None,
+                   help="GiB of host memory per node to check the host columns against (default: not checked)")
     p.add_argument("--model", default=None, help="plan with this checkpoint's config (a hub id, folder or "
                                                  "released name) instead of model.name_or_path")
     p.add_argument("--check", action="store_true", help="exit with an error when a stage does not fit")

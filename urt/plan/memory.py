@@ -99,6 +99,7 @@ class Plan:
     gpu_bytes: int
     host: int = 0  # of weights + gradients + optimizer, the bytes in host memory (CPU offload)
     host_load: int = 0  # host bytes per rank while the model is loaded (before sharding)
+    host_node_bytes: int | None = None  # a node's host memory, when known (checked by `check`)
     alternatives: list = field(default_factory=list)
 
     @property
@@ -113,6 +114,14 @@ class Plan:
     @property
     def host_load_per_node(self) -> int:
         return self.host_load * (self.setting.ranks_per_node or self.setting.world)
+
+    @property
+    def host_peak_per_node(self) -> int:
+        return max(self.host_load_per_node, self.host_per_node)
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_node_bytes is None or self.host_peak_per_node <= self.host_node_bytes
 
     @property
     def peak(self) -> int:
@@ -238,8 +247,10 @@ def table(plans: list[Plan]) -> str:
     for p in plans:
         s = p.setting
         out.append(f"{p.label}: {s.describe()}" + ("" if p.fits else " -> does not fit")
-                   + (f"; host memory per node of {s.ranks_per_node or s.world} ranks: {gib(p.host_load_per_node)} "
-                      f"GiB while loading, {gib(p.host_per_node)} GiB offloaded state" if p.host else ""))
+                   + f"; host memory per node of {s.ranks_per_node or s.world} ranks: {gib(p.host_load_per_node)} GiB "
+                     f"while loading" + (f", {gib(p.host_per_node)} GiB offloaded state" if p.host else "")
+                   + ("" if p.host_node_bytes is None else f" (node: {gib(p.host_node_bytes)} GiB"
+                      + (")" if p.fits_host else ", does not fit)")))
         if not p.fits:
             if p.alternatives:
                 a = p.alternatives[0]
@@ -268,10 +279,19 @@ def overrides_for(old: Setting, new: Setting) -> str:
 
 
 def check(plans: list[Plan]) -> None:
-    """UrtError with the table when a stage does not fit (naming it and its peak against the GPU)."""
+    """UrtError with the table when a stage does not fit: naming it and its peak against the GPU, or its
+    host memory per node against the node's (where that is known)."""
     bad = [p for p in plans if not p.fits]
     if bad:
         p = bad[0]
         raise UrtError(f"stage {p.label} needs {gib(p.peak)} GiB per rank under {p.setting.describe()}, more than "
                        f"the {gib(p.gpu_bytes)} GiB of a GPU: stopped before loading the model (urt plan; "
                        f"+plan.check=false skips this check)\n{table(plans)}")
+    bad = [p for p in plans if not p.fits_host]
+    if bad:
+        p = bad[0]
+        what = "while loading" if p.host_load_per_node >= p.host_per_node else "for the offloaded state"
+        raise UrtError(f"stage {p.label} needs {gib(p.host_peak_per_node)} GiB of host memory per node of "
+                       f"{p.setting.ranks_per_node or p.setting.world} ranks {what}, more than the node's "
+                       f"{gib(p.host_node_bytes)} GiB: stopped before loading the model (fewer ranks per node, or "
+                       f"without CPU offload on more nodes; +plan.check=false skips this check)\n{table(plans)}")
