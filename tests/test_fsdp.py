@@ -514,3 +514,38 @@ def test_offloaded_grpo_rollouts_from_the_sharded_copy_equal_the_policys_own(tmp
         assert len(set(a["completion"])) > 1 and any(x != 0 for x in a["advantage"])  # sampled, and trained on
     wa, wb = (load_file(tmp_path / "runs" / f"roll_{m}" / "hf" / "final" / "model.safetensors") for m in ("gather", "shard"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
+    """model.device=auto in a multi-process launch is the local rank's GPU (torchrun / Lightning set
+    LOCAL_RANK, srun SLURM_LOCALID before the trainer sets the device): not every rank's copy on GPU 0.
+    Under the sharded strategy the model is read into host memory instead (the strategy moves each unit's
+    shards to the GPU), with the attention chosen for the GPU."""
+    from omegaconf import OmegaConf
+
+    from urt.models.bundle import resolve_device
+    from urt.stages.sharded import load_settings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    assert resolve_device("auto") == torch.device("cuda", 5)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3) and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "9")  # one GPU visible per task: its own device
+    monkeypatch.delenv("SLURM_LOCALID")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+
+    fsdp = OmegaConf.create({"strategy": {"_target_": "urt.stages.sharded.ShardedStrategy"}})
+    ddp = OmegaConf.create({"strategy": "ddp"})
+    model = {"name_or_path": "Qwen/Qwen3-VL-32B-Instruct", "device": "auto", "dtype": "float32",
+             "attn_implementation": "auto"}
+    kwargs, master = load_settings(model, fsdp)
+    assert kwargs["device"] == "cpu" and kwargs["dtype"] == "auto" and master == torch.float32
+    assert kwargs["attn_implementation"] != "auto"  # chosen for the GPU, not for the host it is read into
+    assert load_settings(model, ddp) == (model, None)
+    assert load_settings({**model, "device": "cuda:1"}, fsdp)[0]["device"] == "cuda:1"  # an explicit device stays

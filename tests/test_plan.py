@@ -211,3 +211,4 @@ def test_plan_needs_a_config():
         model_config("/nowhere/run/hf/final")
     assert model_config("/runs/x/UnifiedReward-Think-7b-hf").model_type == "llava_onevision"
     assert model_config("Qwen/Qwen3.5-27B").model_type == "qwen3_5"
+

@@ -45,10 +45,28 @@ def _is_cuda(device) -> bool:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """"auto" -> the current CUDA device when one is visible, else the CPU."""
+    """"auto" -> this process's CUDA device when one is visible, else the CPU. In a multi-process launch
+    (torchrun, srun, Lightning's launcher) that is the local rank's GPU: the launchers set LOCAL_RANK /
+    SLURM_LOCALID before the trainer sets the device, and a model loaded onto "cuda" would land every
+    rank's copy on GPU 0."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = local_rank()
+        if local is not None and local < torch.cuda.device_count():
+            return torch.device("cuda", local)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
+
+
+def local_rank() -> int | None:
+    """This process's rank on its node as a launcher set it (None outside a multi-process launch)."""
+    import os
+
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
 
 
 def choose_attn_implementation(requested: str | None = "auto", device: str | torch.device = "cpu") -> str:

@@ -136,17 +136,28 @@ def is_sharded_strategy(trainer) -> bool:
 
 def load_settings(model: dict, trainer) -> tuple[dict, object]:
     """(the `load_model` arguments, the master dtype to cast to while sharding, or None) for a stage whose
-    trainer runs this strategy: a checkpoint is loaded in its own dtype (bf16 for the released ones) and
-    each unit cast to `model.dtype` (fp32 master weights) just before it is sharded, so a rank's host memory
-    peaks near the bf16 model instead of the fp32 one (Qwen3-VL-32B: 62 instead of 124 GiB per rank, x 8
-    ranks per node). Tiny random models (fp32 already), LoRA and other strategies load as configured."""
+    trainer runs this strategy:
+    - the model is read into host memory (`model.device: auto` -> cpu, with the attention implementation
+      chosen for the GPU it will run on): the strategy moves each unit's shards to the GPU as it shards it,
+      so no GPU ever holds the whole model;
+    - a checkpoint is read in its own dtype (bf16 for the released ones) and each unit cast to `model.dtype`
+      (fp32 master weights) just before it is sharded, so a rank's host memory peaks near the bf16 model
+      instead of the fp32 one (Qwen3-VL-32B: 62 instead of 124 GiB per rank, x 8 ranks per node). Tiny
+      random models (fp32 already) and LoRA load in the configured dtype.
+    Other strategies load as configured."""
     import torch
+
+    from urt.models.bundle import choose_attn_implementation, resolve_device
 
     strategy = trainer.get("strategy") if hasattr(trainer, "get") else None
     target = str(strategy.get("_target_", "")) if hasattr(strategy, "get") else ""
+    if not target.endswith("ShardedStrategy"):
+        return model, None
+    if model.get("device", "auto") in (None, "auto"):
+        attn = choose_attn_implementation(model.get("attn_implementation", "auto"), resolve_device("auto"))
+        model = {**model, "device": "cpu", "attn_implementation": attn}
     dtype = model.get("dtype", "auto")
-    if not target.endswith("ShardedStrategy") or str(model.get("name_or_path")) == "tiny" or \
-            dtype in (None, "auto") or model.get("lora"):
+    if str(model.get("name_or_path")) == "tiny" or dtype in (None, "auto") or model.get("lora"):
         return model, None
     master = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(master, torch.dtype):
