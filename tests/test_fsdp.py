@@ -438,15 +438,18 @@ def _load_worker(rank: int, root: str, shards: str, ckpt: str, out: str) -> None
                    "model.dtype=float32"), callbacks=[cb])
     module = cb.module
     assert module.bundle.master_dtype == torch.float32  # loaded in bf16, cast unit by unit while sharding
+    # the node's first rank read the weights; the other built the architecture on meta and received them
+    assert module.bundle.from_rank0 == (rank == 1)
     trained = [p for p in module.model.parameters() if p.requires_grad]
     assert trained and all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in trained)
     torch.save({"losses": cb.losses}, Path(out) / f"load-rank{rank}-info.pt")
 
 
 def test_fsdp_loads_the_checkpoint_dtype_and_casts_while_sharding(tmp_path):
-    """Under the sharded strategy a bf16 checkpoint with model.dtype=float32 is read in bf16 (half the host
-    memory per rank) and each unit cast to fp32 just before it is sharded: the run equals one process that
-    loaded the checkpoint in fp32 (losses and gradients to 1e-6)."""
+    """Under the sharded strategy a bf16 checkpoint with model.dtype=float32 is read in bf16 by the node's
+    first rank only (the other builds it on the meta device and receives rank 0's weights, buffers
+    included, once sharded) and each unit cast to fp32 just before it is sharded: the run equals one
+    process that loaded the checkpoint in fp32 (losses and gradients to 1e-6, the same hf/ export)."""
     from test_ddp import GradDump
     from urt.train import train
 
@@ -549,3 +552,43 @@ def test_each_rank_loads_onto_its_own_gpu(monkeypatch):
     assert kwargs["attn_implementation"] != "auto"  # chosen for the GPU, not for the host it is read into
     assert load_settings(model, ddp) == (model, None)
     assert load_settings({**model, "device": "cuda:1"}, fsdp)[0]["device"] == "cuda:1"  # an explicit device stays
+
+
+def _meta_grpo_worker(rank: int, root: str, shards: str, ckpt: str) -> None:
+    import urt.generation
+    from test_ddp import _canned_generate
+    from urt.train import train
+
+    urt.generation.generate = _canned_generate({f"p-{j}": "distinct" for j in range(4)})
+    cb = FullGradDump(Path(root) / f"meta-grpo-rank{rank}.pt")
+    train(_grpo_cfg(Path(root), shards, "fsdp_meta", "tiny_qwen2_5_vl", *META_GRPO, "trainer=fsdp_cpu",
+                    "data.batch_size=2", f"model.name_or_path={ckpt}"), callbacks=[cb])
+    module = cb.module
+    assert module.bundle.from_rank0 == (rank == 1) and module.rollout_mode == "copy"
+    assert not any(p.is_meta for m in (module.model, module.ref_model, module.generation_model) for p in m.parameters())
+    torch.save({"losses": cb.losses}, Path(root) / f"meta-grpo-rank{rank}-info.pt")
+
+
+META_GRPO = ("model.dtype=float32", "stage.loss.beta=0.04", "stage.rollout_weights=copy", "stage.micro_batch_size=2",
+             "trainer.max_epochs=1", "trainer.max_steps=-1")
+
+
+def test_fsdp_grpo_from_a_meta_built_policy_equals_one_process(tmp_path, monkeypatch):
+    """GRPO from a checkpoint folder where rank 1 built the policy on the meta device: its reference
+    (a skeleton filled from the policy's shards) and its generation copy (rollout_weights=copy) are built
+    from the meta policy and get rank 0's weights; the per-step losses and gradients equal one process's."""
+    import urt.generation
+    from test_ddp import GradDump, _canned_generate
+    from urt.train import train
+
+    shards = _grpo_shards(tmp_path / "shards", 4, "image")
+    ckpt = _bf16_checkpoint(tmp_path / "ckpt")
+    monkeypatch.setattr(urt.generation, "generate", _canned_generate({f"p-{j}": "distinct" for j in range(4)}))
+    one = GradDump(tmp_path / "meta-one.pt")
+    train(_grpo_cfg(tmp_path, shards, "one_meta", "tiny_qwen2_5_vl", *META_GRPO, "trainer=cpu", "data.batch_size=4",
+                    f"model.name_or_path={ckpt}"), callbacks=[one])
+    run_two_processes(_meta_grpo_worker, str(tmp_path), shards, ckpt)
+    got = torch.load(tmp_path / "meta-grpo-rank0-info.pt")["losses"]
+    assert len(got) == len(one.losses) and max(abs(a - b) for a, b in zip(got, one.losses)) < 1e-6
+    assert _max_diff(one.grads, torch.load(tmp_path / "meta-grpo-rank0.pt")) < 1e-6
+

@@ -71,9 +71,12 @@ def test_every_released_recipe_fits_8x80gb(size):
         if big:
             assert p.static == p.weights + p.gradients + p.optimizer + p.reference - p.host < 20 << 30
             assert p.host > p.gradients + p.optimizer
-        # a rank reads the bf16 checkpoint and casts unit by unit while sharding (not the whole fp32 model):
-        # every recipe's host memory stays under 512 GiB per node of 8, loading and offloaded
-        assert p.setting.load == 2 and p.host_load_per_node < 512 << 30 and p.host_per_node < 512 << 30
+        # one rank per node reads the bf16 checkpoint (the others receive it from rank 0) and casts unit by
+        # unit while sharding: every recipe's host memory stays under 512 GiB per node of 8, loading and
+        # offloaded; without offload a node holds one bf16 copy while loading
+        assert p.setting.load == 2 and p.setting.readers == 1
+        assert p.host_load_per_node < 512 << 30 and p.host_per_node < 512 << 30
+        assert p.host_load_per_node == p.host_load + (p.host_weights * 8 if big else 0)
     grpo = plans[-1]
     assert grpo.setting.reference and grpo.reference > 0 and grpo.kv_cache > 0
     assert grpo.setting.rollout_mode == ("shard" if big else "gather")
@@ -163,8 +166,8 @@ def test_a_stage_that_cannot_fit_stops_before_loading(monkeypatch):
 
 
 def test_a_stage_that_cannot_fit_the_host_stops_before_loading(monkeypatch):
-    """The offloaded 32B cold start fits the GPUs but not a node of 256 GiB (every rank reads the bf16
-    checkpoint: ~497 GiB per node of 8 while loading): urt train stops before load_model, naming the host
+    """The offloaded 32B cold start fits the GPUs but not a node of 256 GiB (the offloaded fp32 shards,
+    gradients and AdamW state of 8 ranks: ~488 GiB): urt train stops before load_model, naming the host
     memory; with the node's memory declared large enough it passes the check."""
     import urt.models
     import urt.models.loading
@@ -180,8 +183,8 @@ def test_a_stage_that_cannot_fit_the_host_stops_before_loading(monkeypatch):
             "trainer.strategy.cpu_offload=true", "+plan.gpu_memory_gib=80"]
     from urt.train import build
 
-    with pytest.raises(UrtError, match=r"stage sft needs 497\.\d GiB of host memory per node of 8 ranks while loading, "
-                                       r"more than the node's 256\.0 GiB") as e:
+    with pytest.raises(UrtError, match=r"stage sft needs 488\.\d GiB of host memory per node of 8 ranks for the "
+                                       r"offloaded state, more than the node's 256\.0 GiB") as e:
         build(compose_config([*base, "+plan.host_memory_gib=256"]))
     assert "host memory per node" in str(e.value) and "does not fit" in str(e.value)
     plan = preflight(compose_config([*base, "+plan.host_memory_gib=1024"]))

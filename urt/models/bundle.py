@@ -21,6 +21,8 @@ class ModelBundle:
     # set when the weights were loaded in the checkpoint's dtype to be cast to this one unit by unit as the
     # sharded strategy shards them (urt.stages.sharded.load_settings): None, they are in it already
     master_dtype: Any = None
+    # built on the meta device, its weights to come from rank 0 as the sharded strategy shards it
+    from_rank0: bool = False
 
     @property
     def spec(self) -> FamilySpec:

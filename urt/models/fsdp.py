@@ -202,10 +202,36 @@ def generation_copy(model: torch.nn.Module, dtype: str | None = "bf16") -> torch
 
     out = copy.deepcopy(model).eval().requires_grad_(False)
     pdt = dtype_of(dtype)
+    if has_meta(out):  # a policy built on the meta device: allocated here, filled by the refresh
+        out = out.to_empty(device="cpu")
     if pdt is not None:
         for p in out.parameters():
             p.data = p.data.to(pdt)
     return out
+
+
+def has_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers())
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model: torch.nn.Module, full: dict | None, device) -> None:
+    """Give a sharded `model` rank 0's weights: ranks that built it on the meta device allocate it on
+    `device` first; rank 0's full state dict (`full`, taken before sharding; None elsewhere) is broadcast
+    tensor by tensor into every rank's shards (cast to their dtype), then every buffer (non-persistent ones
+    such as rotary frequencies are not in a state dict). A collective: every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if has_meta(model):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    group_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
+    for b in model.buffers():
+        t = b.to(group_device)
+        dist.broadcast(t, src=0)
+        b.copy_(t)
 
 
 def frozen_skeleton(model: torch.nn.Module) -> torch.nn.Module:
@@ -240,6 +266,9 @@ def refresh_generation_copy(copy: torch.nn.Module, sharded: torch.nn.Module) -> 
     mine = dict(sharded.named_parameters())
     for name, p in copy.named_parameters():
         p.copy_(full_tensor(mine[name].detach()).to(p.device, p.dtype))
+    bufs = dict(sharded.named_buffers())
+    for name, b in copy.named_buffers():  # the same on every rank (a copy of a meta-built policy has none)
+        b.copy_(bufs[name].to(b.device, b.dtype))
 
 
 @torch.no_grad()

@@ -213,13 +213,22 @@ def _hub_family(name: str, trust_remote_code: bool) -> str:
     return family_from_model_type(getattr(cfg, "model_type", None), getattr(cfg, "architectures", None), source=name)
 
 
-def _from_pretrained(source: str, spec: FamilySpec, *, attn: str, dtype, trust_remote_code: bool, hub: bool):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _from_pretrained(source: str, spec: FamilySpec, *, attn: str, dtype, trust_remote_code: bool, hub: bool,
+                     meta: bool = False):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, attn_implementation=attn, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        if meta:  # the architecture only, no weight read: they arrive from rank 0 (urt.stages.sharded)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                stored = getattr(config, "dtype", None) if dtype == "auto" else dtype  # what rank 0 reads
+                model = AutoModelForImageTextToText.from_config(
+                    config, attn_implementation=attn, trust_remote_code=trust_remote_code,
+                    **({"dtype": stored} if isinstance(stored, torch.dtype) else {}))
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, attn_implementation=attn, dtype=dtype, trust_remote_code=trust_remote_code
+            )
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
     except UrtError:
         raise
@@ -248,6 +257,7 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     vision_init_std: float | None = None,
+    meta: bool = False,
 ) -> ModelBundle:
     """Load a model + processor.
 
@@ -258,7 +268,8 @@ def load_model(
     default targets are the language model's q/k/v/o projections; base weights are then frozen except
     the vision tower / projector when their freeze flag is False. `compile_regions` torch.compiles the
     RMSNorm and MLP modules (`compile_model_regions`; on an H200 with a 3B model it took the SFT step from
-    38% to 45% MFU).
+    38% to 45% MFU). `meta`: build a checkpoint's architecture on the meta device without reading its
+    weights (the sharded strategy's ranks other than each node's first, which receive them from rank 0).
     """
     if family is not None:
         get_family(family)
@@ -293,7 +304,7 @@ def load_model(
             family = inferred
             model, processor = _from_pretrained(
                 str(path), get_family(family), attn=attn, dtype=torch_dtype,
-                trust_remote_code=trust_remote_code, hub=False,
+                trust_remote_code=trust_remote_code, hub=False, meta=meta,
             )
         elif path.exists():
             raise UrtError(f"{path}: is a file, expected a checkpoint folder or a hub id")
@@ -306,10 +317,11 @@ def load_model(
             family = inferred
             model, processor = _from_pretrained(
                 name, get_family(family), attn=attn, dtype=torch_dtype,
-                trust_remote_code=trust_remote_code, hub=True,
+                trust_remote_code=trust_remote_code, hub=True, meta=meta,
             )
 
-    model = model.to(device)
+    if not any(p.is_meta for p in model.parameters()):
+        model = model.to(device)
     if attn in (attention.VARLEN, "sdpa"):
         attention.use_varlen_in_vision(model)
     # a hybrid model's packed rows must not carry linear-attention state from one sample into the next,

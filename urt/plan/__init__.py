@@ -112,6 +112,9 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
     master = _master_bytes(cfg.model, config)
     compute = _compute_bytes(cfg, strategy, master)
     load = _load_bytes(cfg, strategy, config, master)
+    # FSDP2 from a checkpoint: one reader per node (urt.stages.sharded.load_settings); else every rank
+    readers = 1 if strategy == "fsdp" and str(cfg.model.get("name_or_path")) != "tiny" and not cfg.model.get("lora") \
+        else 0
     ckpt = bool(cfg.model.get("gradient_checkpointing", False))
     max_length = int(cfg.data.get("max_length") or 13000)
     if stage == "grpo":
@@ -126,11 +129,12 @@ def setting_of(cfg: DictConfig, config, gpus: int | None = None) -> Setting:
                        prompt + new, new, reference=uses_ref, generations=int(st.get("num_generations", 8)),
                        gen_batch=int(st.get("generation_batch_size", 8)), gen_len=prompt + new,
                        rollout=str(st.get("rollout_weights", "auto")), offload=offload, ranks_per_node=per_node,
-                       load=load)
+                       load=load, readers=readers)
     from urt.plan.memory import SFT_PREDICTED
 
     return Setting(stage, strategy, world, master, compute, ckpt, int(cfg.data.get("batch_size", 1)), max_length,
-                   min(max_length, SFT_PREDICTED), offload=offload, ranks_per_node=per_node, load=load)
+                   min(max_length, SFT_PREDICTED), offload=offload, ranks_per_node=per_node, load=load,
+                   readers=readers)
 
 
 def plan_config(cfg: DictConfig, label: str, gpu_bytes: int, gpus: int | None = None,

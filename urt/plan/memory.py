@@ -13,8 +13,9 @@ The formula (docs/scaling.md writes it out with the numbers of each released siz
     host         FSDP2 with CPU offload: the trained model's shards (m), gradients and optimizer state live in
                  host memory, not on the GPU (they are still listed under weights / gradients / optimizer);
                  the GPU keeps the frozen replicated tower and a staging copy (m) of the units being gathered
-    host at load every rank reads the whole model into host memory before it is sharded: every parameter x
-                 the checkpoint's bytes under FSDP2 (each unit cast to m as it is sharded), x m otherwise
+    host at load per node: FSDP2 (a checkpoint) - one rank reads the whole model in the checkpoint's bytes
+                 (the others receive it from rank 0 as they shard), plus the ranks' offloaded weight shards;
+                 otherwise every rank reads every parameter x m
     activations  T = micro-batch x sequence tokens; per decoder layer and token c x (4h + 2 q + 2 kv + 4 i)
                  elements; checkpointed: L x T x h x c (each layer's input) + one layer's; plus the logits of
                  the predicted positions, micro-batch x predicted x vocab x (c + 4 + 4) (fp32 log-softmax and
@@ -64,6 +65,7 @@ class Setting:
     offload: bool = False  # FSDP2 with trainer.strategy.cpu_offload
     ranks_per_node: int = 0  # for the host memory per node (0: world)
     load: int = 0  # bytes per parameter while loading (0: master)
+    readers: int = 0  # ranks per node that read the whole checkpoint (0: every rank)
     reserve: int = RESERVE
 
     @property
@@ -98,7 +100,8 @@ class Plan:
     kv_cache: int
     gpu_bytes: int
     host: int = 0  # of weights + gradients + optimizer, the bytes in host memory (CPU offload)
-    host_load: int = 0  # host bytes per rank while the model is loaded (before sharding)
+    host_load: int = 0  # host bytes of a rank that reads the whole model (before sharding)
+    host_weights: int = 0  # of `host`, the offloaded weight shards (allocated as the model is sharded)
     host_node_bytes: int | None = None  # a node's host memory, when known (checked by `check`)
     alternatives: list = field(default_factory=list)
 
@@ -113,7 +116,8 @@ class Plan:
 
     @property
     def host_load_per_node(self) -> int:
-        return self.host_load * (self.setting.ranks_per_node or self.setting.world)
+        ranks = self.setting.ranks_per_node or self.setting.world
+        return self.host_load * (self.setting.readers or ranks) + self.host_weights * ranks
 
     @property
     def host_peak_per_node(self) -> int:
@@ -156,11 +160,12 @@ def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80
     act_full = L * per_layer + logits
     act = act_ckpt if s.checkpointing else act_full
     layer, root = sizes.unit_numel("decoder."), sizes.unit_numel("root")
-    host = 0
+    host = host_weights = 0
     if fsdp:
         gathered = (root + 2 * layer) * c
         if s.offload:  # the trained shards, their gradients and AdamW state in host memory
-            host = sum(t.local_numel(world) * m for t in sizes.tensors if t.sharded) + grads + optim
+            host_weights = sum(t.local_numel(world) * m for t in sizes.tensors if t.sharded)
+            host = host_weights + grads + optim
             gathered += -(-(root + 2 * layer) // world) * m  # the units' shards staged on the GPU
         transient_train = gathered + layer * (c + 4)
         # a generation copy lives through the whole step (refreshed, not rebuilt)
@@ -181,7 +186,7 @@ def bytes_of(sizes: ModelSizes, s: Setting, label: str = "", gpu_bytes: int = 80
     # the larger phase decides the transient too: training pass vs generation
     transient = transient_train if act >= kv_cache else transient_gen
     return Plan(label, s, weights, grads, optim, ref, transient, act, act_ckpt, act_full, kv_cache, gpu_bytes, host,
-                sizes.count() * (s.load or m))
+                sizes.count() * (s.load or m), host_weights)
 
 
 def candidates(s: Setting) -> list[Setting]:

@@ -692,6 +692,7 @@ def start(cfg: DictConfig, *, exclude: Sequence[str] = (), given: Sequence[str] 
 
     kwargs, master = load_settings(OmegaConf.to_container(cfg.model, resolve=True), cfg.trainer)
     bundle = load_model(**kwargs)
+    bundle.from_rank0 = bool(kwargs.get("meta"))
     if master is not None and any(p.dtype != master for p in bundle.model.parameters() if p.requires_grad):
         bundle.master_dtype = master  # the strategy casts unit by unit as it shards (load_settings)
         config = bundle.model.config  # what hf/ exports say, as if loaded in the master dtype

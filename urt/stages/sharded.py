@@ -94,6 +94,16 @@ class ShardedStrategy(ModelParallelStrategy):
         place_unsharded(self.model, self.root_device)
         _update_properties(self.model, device=self.root_device)
 
+    def reduce_any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective on every rank)."""
+        import torch
+
+        if not torch.distributed.is_initialized():
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.root_device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
     @property
     def mesh(self):
         return self.device_mesh["data_parallel"]
@@ -115,11 +125,17 @@ class ShardedStrategy(ModelParallelStrategy):
             raise UrtError("trainer=fsdp: LoRA is not supported under the sharded strategy (the adapters' "
                            "frozen base would be replicated and the hf/ export merges on one rank); train LoRA "
                            "with trainer=ddp (model.lora=null for full training)")
-        from urt.models.fsdp import materialize_from
+        from urt.models.fsdp import broadcast_from_rank0, has_meta, materialize_from
 
         for model in module.sharded_models():  # the policy first: the frozen skeletons are filled from it
             if model is module.model:
+                # ranks that read the weights keep the full (bf16) state until rank 0 has sent it
+                full = None if has_meta(model) else dict(model.state_dict())
                 self.shard(model, family, module.bundle.master_dtype)
+                if self.reduce_any(has_meta(model)):  # some rank built it on meta (load_settings)
+                    broadcast_from_rank0(model, full if self.global_rank == 0 else None,
+                                         "cpu" if self.cpu_offload else self.root_device)
+                del full
                 continue
             self.shard(model, family)
             if any(p.is_meta for p in model.parameters()):  # a frozen_skeleton (GRPO's reference, its copy)
@@ -140,10 +156,13 @@ def load_settings(model: dict, trainer) -> tuple[dict, object]:
     - the model is read into host memory (`model.device: auto` -> cpu, with the attention implementation
       chosen for the GPU it will run on): the strategy moves each unit's shards to the GPU as it shards it,
       so no GPU ever holds the whole model;
+    - only the first rank of each node reads the weights; the others build the architecture on the meta
+      device and receive the weights from rank 0 once sharded (`shard_stage`): one copy per node in host
+      memory, not one per GPU;
     - a checkpoint is read in its own dtype (bf16 for the released ones) and each unit cast to `model.dtype`
-      (fp32 master weights) just before it is sharded, so a rank's host memory peaks near the bf16 model
-      instead of the fp32 one (Qwen3-VL-32B: 62 instead of 124 GiB per rank, x 8 ranks per node). Tiny
-      random models (fp32 already) and LoRA load in the configured dtype.
+      (fp32 master weights) just before it is sharded: the reader holds the bf16 model, not the fp32 one
+      (Qwen3-VL-32B: 62 instead of 124 GiB). Tiny random models (each rank builds the same from its seed)
+      and LoRA load as configured.
     Other strategies load as configured."""
     import torch
 
@@ -156,6 +175,10 @@ def load_settings(model: dict, trainer) -> tuple[dict, object]:
     if model.get("device", "auto") in (None, "auto"):
         attn = choose_attn_implementation(model.get("attn_implementation", "auto"), resolve_device("auto"))
         model = {**model, "device": "cpu", "attn_implementation": attn}
+    from urt.models.bundle import local_rank
+
+    if str(model.get("name_or_path")) != "tiny" and not model.get("lora") and local_rank() not in (None, 0):
+        model = {**model, "meta": True}  # one reader per node; the weights come from rank 0 (shard_stage)
     dtype = model.get("dtype", "auto")
     if str(model.get("name_or_path")) == "tiny" or dtype in (None, "auto") or model.get("lora"):
         return model, None
