@@ -238,7 +238,7 @@ def _sft_cfg(root: Path, shards: str, name: str, steps: int, *overrides):
 
 
 def _sft_worker(rank: int, root: str, shards: str, out: str) -> None:
-    from urt.stages.base import HFExport
+    from urt.stages.callbacks import HFExport
     from urt.train import train
 
     dump = Path(out) / f"sft-rank{rank}.pt"

@@ -87,7 +87,7 @@ SFT_CASES = {"device": (), "offload": ("trainer.strategy.cpu_offload=true",)}
 
 def _sft_worker(rank: int, root: str, shards: str, out: str, case: str) -> None:
     from urt.models.fsdp import is_sharded
-    from urt.stages.base import HFExport
+    from urt.stages.callbacks import HFExport
     from urt.train import train
 
     dump = Path(out) / f"fsdp-sft-rank{rank}.pt"

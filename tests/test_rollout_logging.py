@@ -45,7 +45,7 @@ def shards(tmp_path_factory):
 @pytest.fixture
 def wandb_env(monkeypatch):
     """WANDB_MODE=offline, and the WANDB_* folder variables unset for the test and removed afterwards,
-    so urt.stages.base.loggers points them into this test's run directory (and no later test inherits them)."""
+    so urt.stages.run.loggers points them into this test's run directory (and no later test inherits them)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in WANDB_VARS:

@@ -246,7 +246,7 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path, shards, every):
 
 def test_resume_never_refuses_to_overwrite(tmp_path, shards):
     from urt.errors import UrtError
-    from urt.stages.base import resume_path
+    from urt.stages.run import resume_path
 
     cfg = _cfg(["model=tiny_qwen2_5_vl", "stage.run_name=r", "stage.resume=never"], tmp_path, shards)
     assert resume_path(cfg) is None

@@ -2,7 +2,8 @@
 
 Each stage file under `urt/stages/` holds its LightningModule and its `build(cfg, callbacks) -> StageParts`;
 this module only maps a stage name to that builder, and `urt.stages.base.fit` fits what it built. What a
-run writes (run_dir/config.yaml, checkpoints/, hf/final/, csv/, ...) and how it resumes: urt/stages/base.py.
+run writes (run_dir/config.yaml, checkpoints/, hf/final/, csv/, ...) and how it resumes: urt/stages/base.py
+(the layout), urt/stages/run.py, urt/stages/callbacks.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from urt.errors import UrtError
 
 # ------------------------------------------------------------------------------------------ urt train
 def _train(args: argparse.Namespace) -> int:
-    from urt.stages.base import run_dir
+    from urt.stages.run import run_dir
     from urt.train import train
 
     cfg = compose_config(args.overrides)

@@ -69,8 +69,8 @@ from urt.rl.advantages import global_batch_advantages, grouped_advantages
 from urt.rl.logprobs import completion_sequence, pad_rows, sequence_logprobs, text_completion_ids
 from urt.rl.objective import PolicyLoss, completion_mask
 from urt.rl.rollout_log import ROLLOUT_DIR, RolloutLog, RolloutRecord, parsed_answers
-from urt.stages.base import (StageModule, StageParts, instantiate_module, make_trainer, optimizer_partials,
-                             stage_callbacks, start)
+from urt.stages.base import StageModule, StageParts, instantiate_module, make_trainer, optimizer_partials, start
+from urt.stages.callbacks import stage_callbacks
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,12 @@ from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from urt.data.collate import model_inputs
-from urt.data.encode import IGNORE_INDEX, supervised_mask
+from urt.data.encode import supervised_mask
 from urt.errors import UrtError
 from urt.models.compat import forward_takes
 from urt.stages.base import (StageModule, StageParts, accumulation, instantiate_module, make_trainer,
-                             optimizer_partials, stage_callbacks, start)
+                             optimizer_partials, start)
+from urt.stages.callbacks import stage_callbacks
 
 log = logging.getLogger(__name__)
 
