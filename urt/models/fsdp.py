@@ -119,14 +119,6 @@ def shard_model(model: torch.nn.Module, family: str, mesh, *, param_dtype: str |
     return model
 
 
-def is_offloaded(model: torch.nn.Module) -> bool:
-    """Whether `model` is sharded with its shards in host memory (`shard_model(offload=True)`)."""
-    from torch.distributed.tensor import DTensor
-
-    return is_sharded(model) and any(isinstance(p, DTensor) and p.device.type == "cpu" != p.device_mesh.device_type
-                                     for p in model.parameters())
-
-
 def place_unsharded(model: torch.nn.Module, device) -> None:
     """Move what FSDP2 does not manage (buffers, the replicated frozen tower) to `device`, leaving the
     shards where they are: an offloaded model's `.to(device)` would pull its host shards onto the GPU."""
@@ -143,7 +135,7 @@ def place_unsharded(model: torch.nn.Module, device) -> None:
 
 
 def freeze_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen deep copy (GRPO's reference) made before sharding: eval mode, no gradients."""
+    """A frozen deep copy (GRPO's reference without the sharded strategy): eval mode, no gradients."""
     import copy
 
     return copy.deepcopy(model).eval().requires_grad_(False)

@@ -48,7 +48,6 @@ k and resumed repeats the uninterrupted run's steps (deterministic CPU).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -512,15 +511,14 @@ class GRPOModule(StageModule):
         """The frozen models beside the policy, made before the strategy shards it (Lightning calls this on
         every strategy): the reference (unsharded: a deep copy; sharded: a skeleton the strategy fills from
         the policy's shards) and, sharded with rollout_weights=copy | shard, the generation copy."""
-        from urt.models.fsdp import frozen_skeleton, generation_copy, is_sharded
+        from urt.models.fsdp import freeze_copy, frozen_skeleton, generation_copy, is_sharded
         from urt.stages.sharded import is_sharded_strategy
 
         if is_sharded(self.model):  # configured already (a second fit on the same module)
             return super().configure_model()
         sharded = is_sharded_strategy(self._trainer)
         if self.wants_reference and self.ref_model is None:
-            self.__dict__["ref_model"] = frozen_skeleton(self.model) if sharded else \
-                copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.__dict__["ref_model"] = frozen_skeleton(self.model) if sharded else freeze_copy(self.model)
         mode = self.rollout_mode
         if mode in ("copy", "shard") and self.generation_model is None:
             strategy = self._trainer.strategy

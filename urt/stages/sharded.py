@@ -129,12 +129,12 @@ class ShardedStrategy(ModelParallelStrategy):
 
         for model in module.sharded_models():  # the policy first: the frozen skeletons are filled from it
             if model is module.model:
-                # ranks that read the weights keep the full (bf16) state until rank 0 has sent it
-                full = None if has_meta(model) else dict(model.state_dict())
+                # some rank built it on meta (load_settings): rank 0 keeps its full (bf16) state to send
+                send = self.reduce_any(has_meta(model))
+                full = dict(model.state_dict()) if send and self.global_rank == 0 else None
                 self.shard(model, family, module.bundle.master_dtype)
-                if self.reduce_any(has_meta(model)):  # some rank built it on meta (load_settings)
-                    broadcast_from_rank0(model, full if self.global_rank == 0 else None,
-                                         "cpu" if self.cpu_offload else self.root_device)
+                if send:
+                    broadcast_from_rank0(model, full, "cpu" if self.cpu_offload else self.root_device)
                 del full
                 continue
             self.shard(model, family)
